@@ -1,0 +1,59 @@
+"""The EMA codebooks, stored so that all layers are updated at once and state dicts match the official.
+
+Each layer keeps the official buffers `codebooks.{i}.codebook` (K, D) and `codebooks.{i}.counts` (K,), but they
+are views into one (L, K, D) and one (L, K) tensor, which the fused ops read and update in place.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spidr_fast import ops
+
+
+class Codebook(nn.Module):
+    codebook: Tensor
+    counts: Tensor
+
+    def __init__(self, codebook: Tensor, counts: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("counts", counts)
+
+
+class Codebooks(nn.ModuleList):
+    """L codebooks of K codewords of dimension D, each the running sum `codebook` over running `counts`."""
+
+    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, decay: float) -> None:
+        # Official initialisation: Gaussian codewords normalised per dimension across codewords, counts of one.
+        init = [F.instance_norm(torch.randn(1, dim, codebook_size)).squeeze(0).t() for _ in range(num_codebooks)]
+        super().__init__(Codebook(c.contiguous(), torch.ones(codebook_size)) for c in init)
+        self.decay = decay
+        self._tie()
+        self.register_load_state_dict_post_hook(_retie_after_load)
+
+    def _tie(self) -> None:
+        """Make the per-layer buffers views into the stacked tensors (again, after `.to()` or a load)."""
+        self.stacked_codebook = torch.stack([c.codebook for c in self])
+        self.stacked_counts = torch.stack([c.counts for c in self])
+        for i, codebook in enumerate(self):
+            codebook.codebook = self.stacked_codebook[i]
+            codebook.counts = self.stacked_counts[i]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+    def assign(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """targets (L, N, D) → labels (L, N), batch_counts (L, K), batch_sums (L, K, D)."""
+        return ops.codebook_assign(targets, self.stacked_codebook, self.stacked_counts)
+
+    def update_(self, batch_counts: Tensor, batch_sums: Tensor) -> None:
+        """EMA update with statistics already summed over ranks."""
+        ops.codebook_ema_update_(self.stacked_codebook, self.stacked_counts, batch_counts, batch_sums, self.decay)
+
+
+def _retie_after_load(module: Codebooks, _incompatible_keys: object) -> None:
+    # A plain load copies into the views; `load_state_dict(assign=True)` replaces them, hence the re-tie.
+    module._tie()

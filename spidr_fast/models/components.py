@@ -1,0 +1,215 @@
+"""Building blocks of SpidR and DinoSR, with the official module and parameter names (so state dicts match)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spidr_fast import ops
+from spidr_fast.models.config import DinoSRConfig
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (batch, channel, frame) tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.transpose(-2, -1)).transpose(-2, -1)
+
+
+class ConvLayerBlock(nn.Module):
+    """Conv1d → optional norm → GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *, bias: bool,
+                 layer_norm: nn.Module | None) -> None:  # fmt: skip
+        super().__init__()
+        self.layer_norm = layer_norm
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, bias=bias)
+        nn.init.kaiming_normal_(self.conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    """Waveforms (B, samples) → frames (B, T, channels), 20 ms per frame with the default layers."""
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        if cfg.extractor_mode not in ("group_norm", "layer_norm"):
+            raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', got {cfg.extractor_mode!r}")
+        self.conv_layers = nn.ModuleList()
+        in_channels = 1
+        for i, (out_channels, kernel_size, stride) in enumerate(cfg.extractor_conv_layer_config):
+            norm: nn.Module | None = None
+            if cfg.extractor_mode == "layer_norm":
+                norm = ChannelLayerNorm(out_channels, elementwise_affine=True)
+            elif i == 0:  # group_norm mode normalises the first layer only, one group per channel
+                norm = nn.GroupNorm(out_channels, out_channels, affine=True)
+            self.conv_layers.append(
+                ConvLayerBlock(in_channels, out_channels, kernel_size, stride, bias=cfg.extractor_conv_bias,
+                               layer_norm=norm)  # fmt: skip
+            )
+            in_channels = out_channels
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        x = waveforms.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x.transpose(1, 2)
+
+
+def num_frames(cfg: DinoSRConfig, num_samples: Tensor) -> Tensor:
+    """Frames that the feature extractor makes of `num_samples` samples (elementwise, never negative)."""
+    for _, kernel_size, stride in cfg.extractor_conv_layer_config:
+        num_samples = ((num_samples - kernel_size).div(stride, rounding_mode="floor") + 1).clamp_min(0)
+    return num_samples
+
+
+class FeatureProjection(nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_features)
+        self.projection = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection(self.layer_norm(x))
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """A stack of `depth` grouped convolutions, each followed by a parameter-free LayerNorm and GELU."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, groups: int, depth: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        layer_kernel_size = max(3, kernel_size // depth)
+        self.trim_last = layer_kernel_size % 2 == 0  # an even kernel with "same" padding makes one extra frame
+        self.layer_norm = ChannelLayerNorm(embed_dim, elementwise_affine=False)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(embed_dim, embed_dim, layer_kernel_size, padding=layer_kernel_size // 2, groups=groups)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
+        """x (B, T, D); frame_mask (B, T) bool, True on real frames, or None."""
+        mask = None if frame_mask is None else frame_mask.unsqueeze(1).to(x.dtype)
+        x = x.transpose(1, 2)
+        for conv in self.convs:
+            if mask is not None:
+                x = x * mask
+            x = conv(x)
+            if self.trim_last:
+                x = x[..., :-1]
+            x = F.gelu(self.layer_norm(x))
+        if mask is not None:
+            x = x * mask
+        return x.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, *, qkv_bias: bool, dropout: float) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"encoder_embed_dim ({embed_dim}) must be divisible by encoder_num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
+        batch, frames, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, frames, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        out = ops.attention(q, k, v, key_padding_mask=frame_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.reshape(batch, frames, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, embed_dim: int, interm_features: int, interm_dropout: float) -> None:
+        super().__init__()
+        self.intermediate_dense = nn.Linear(embed_dim, interm_features)
+        self.intermediate_dropout = nn.Dropout(interm_dropout)
+        self.output_dense = nn.Linear(interm_features, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_dense(self.intermediate_dropout(F.gelu(self.intermediate_dense(x))))
+
+
+class TransformerLayer(nn.Module):
+    """Attention and feed-forward blocks, post-norm (official default) or pre-norm."""
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.attention = SelfAttention(dim, cfg.encoder_num_heads, qkv_bias=cfg.encoder_qkv_bias,
+                                       dropout=cfg.encoder_attention_dropout)  # fmt: skip
+        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = cfg.encoder_layer_norm_first
+        self.feed_forward = FeedForward(dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Returns the layer's output and the feed-forward output before the residual (the SpidR targets)."""
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.layer_norm(x), frame_mask))
+            before_residual = self.feed_forward(self.final_layer_norm(x))
+            return x + self.dropout(before_residual), before_residual
+        x = self.layer_norm(x + self.dropout(self.attention(x, frame_mask)))
+        before_residual = self.feed_forward(x)
+        return self.final_layer_norm(x + self.dropout(before_residual)), before_residual
+
+
+class Transformer(nn.Module):
+    """Positional convolution, then the layers; the encoder of the student and of the teacher."""
+
+    def __init__(self, cfg: DinoSRConfig) -> None:
+        super().__init__()
+        self.pos_conv_embed = ConvPositionalEmbedding(cfg.encoder_embed_dim, cfg.encoder_pos_conv_kernel,
+                                                      cfg.encoder_pos_conv_groups, cfg.encoder_pos_conv_depth)  # fmt: skip
+        self.layer_norm = nn.LayerNorm(cfg.encoder_embed_dim)
+        # Post-norm layers take a norm before the first layer; pre-norm layers a norm after the last one.
+        self.norm_before_layers = not cfg.encoder_layer_norm_first
+        self.layer_drop = cfg.encoder_layer_drop
+        self.dropout = nn.Dropout(cfg.encoder_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.encoder_num_layers))
+        self.apply(self.init_weights)
+
+    @staticmethod
+    def init_weights(module: nn.Module) -> None:
+        """The official initialisation (children are visited before their parent by `apply`)."""
+        if isinstance(module, SelfAttention):
+            nn.init.xavier_uniform_(module.qkv.weight, gain=1 / math.sqrt(2))
+            nn.init.xavier_uniform_(module.proj.weight)
+            nn.init.zeros_(module.proj.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def _run_layers(self, x: Tensor, frame_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        x = x + self.pos_conv_embed(x, frame_mask)
+        if self.norm_before_layers:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        # LayerDrop as the official: every layer runs, a dropped one's output is discarded (no host sync).
+        dropped = None
+        if self.training and self.layer_drop > 0:
+            dropped = torch.rand(len(self.layers), device=x.device) <= self.layer_drop
+        before_residual = []
+        for i, layer in enumerate(self.layers):
+            out, layer_result = layer(x, frame_mask)
+            x = out if dropped is None else torch.where(dropped[i], x, out)
+            before_residual.append(layer_result)
+        return x, before_residual
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+        x, _ = self._run_layers(x, frame_mask)
+        return x if self.norm_before_layers else self.layer_norm(x)
+
+    def get_intermediate_outputs(self, x: Tensor, frame_mask: Tensor | None = None) -> list[Tensor]:
+        """Each layer's feed-forward output before the residual, first layer first."""
+        return self._run_layers(x, frame_mask)[1]

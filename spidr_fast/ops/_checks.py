@@ -1,0 +1,38 @@
+"""Input validation at the boundary of the ops: every error names the argument and the shapes seen."""
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(
+    name: str,
+    tensor: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {str(tensor.dtype).removeprefix('torch.')}")
+    return tensor
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], *, meaning: str) -> None:
+    """`expected` is the full shape; `meaning` names its dimensions, e.g. "(L, K)"."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(tensor.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, tensor in named[1:]:
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
