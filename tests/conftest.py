@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny model configs, and the official spidr 0.2.0 package for parity tests.
+
+The official wheel requires Python >= 3.12 but is pure Python and runs on 3.11, so it is not a dependency:
+it is downloaded once into a cache folder and put on sys.path. Offline, parity tests skip, except under CI
+(CI=true), where they fail so that a green run always includes them.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+OFFICIAL_VERSION = "0.2.0"
+OFFICIAL_CACHE = Path(os.environ.get("SPIDR_OFFICIAL_CACHE", Path.home() / ".cache" / "spidr_fast" / "official"))
+
+# A model small enough for CPU tests that still has every part of the real one.
+TINY = dict(
+    extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)],
+    encoder_embed_dim=64,
+    encoder_num_heads=4,
+    encoder_num_layers=4,
+    encoder_ff_interm_features=128,
+    encoder_pos_conv_kernel=16,
+    encoder_pos_conv_groups=4,
+    encoder_pos_conv_depth=2,
+    codebook_size=17,
+    num_codebooks=3,
+)
+
+
+def _fetch_official() -> Path:
+    target = OFFICIAL_CACHE / OFFICIAL_VERSION
+    if not (target / "spidr" / "models" / "__init__.py").is_file():
+        wheels = target / "wheel"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", f"spidr=={OFFICIAL_VERSION}", "--no-deps",
+             "--only-binary=:all:", "--python-version", "3.12", "-d", str(wheels), "-q"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        with zipfile.ZipFile(next(wheels.glob("spidr-*.whl"))) as wheel:
+            wheel.extractall(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def official():
+    """The official `spidr.models` module."""
+    try:
+        return importlib.import_module("spidr.models")
+    except ImportError:
+        pass
+    try:
+        sys.path.insert(0, str(_fetch_official()))
+        return importlib.import_module("spidr.models")
+    except Exception as error:  # noqa: BLE001 - any failure to fetch means "no official package here"
+        message = f"official spidr {OFFICIAL_VERSION} unavailable: {error}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,102 @@
+"""Reference attention (SDPA) against a direct float64 softmax, padded and packed, and the packing helpers."""
+
+import pytest
+import torch
+
+from spidr_fast import ops
+from spidr_fast.ops import padding
+
+
+def direct(q, k, v, key_padding_mask=None, scale=None):
+    """(B, T, H, d) float64 softmax(q kᵀ) v with padded keys removed."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def random_qkv(*shape, dtype=torch.float32):
+    return [torch.randn(*shape, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def ragged_mask(lengths, frames):
+    return torch.arange(frames) < torch.tensor(lengths).unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_padded_attention_matches_direct(dtype, scale):
+    q, k, v = random_qkv(2, 37, 3, 16, dtype=dtype)
+    mask = ragged_mask([37, 20], 37)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ops.attention(q, k, v, softmax_scale=scale).double(), direct(q, k, v, scale=scale),
+                               rtol=tol, atol=tol)  # fmt: skip
+    out = ops.attention(q, k, v, key_padding_mask=mask, softmax_scale=scale)
+    torch.testing.assert_close(out.double(), direct(q, k, v, mask, scale), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("lengths", [[1], [5, 1, 13], [1001, 3]])
+def test_packed_attention_equals_padded_on_real_frames(lengths):
+    frames = max(lengths)
+    q, k, v = random_qkv(len(lengths), frames, 2, 8)
+    mask = ragged_mask(lengths, frames)
+    padded_out = ops.attention(q, k, v, key_padding_mask=mask)
+    packed = [padding.pack(t, mask) for t in (q, k, v)]
+    out = ops.attention(*(p.tokens for p in packed), cu_seqlens=packed[0].cu_seqlens, max_seqlen=packed[0].max_seqlen)
+    assert out.shape == (sum(lengths), 2, 8)
+    torch.testing.assert_close(out, padded_out[mask])
+
+    grad = torch.randn_like(out)
+    packed_grads = torch.autograd.grad(out, (q, k, v), grad)
+    padded_grads = torch.autograd.grad(padded_out, (q, k, v), padding.unpack(grad, packed[0].token_index, *mask.shape))
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_dropout_is_seeded_and_drops():
+    q, k, v = random_qkv(2, 29, 2, 8)
+    torch.manual_seed(3)
+    first = ops.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    again = ops.attention(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, ops.attention(q, k, v))
+
+
+def test_pack_unpack_round_trip_and_cu_seqlens():
+    x = torch.randn(3, 7, 4)
+    mask = ragged_mask([7, 0, 2], 7)
+    packed = padding.pack(x, mask)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, 7, 7, 9]
+    assert packed.max_seqlen == 7
+    torch.testing.assert_close(padding.unpack(packed.tokens, packed.token_index, 3, 7), x * mask.unsqueeze(-1))
+    assert torch.equal(padding.token_index_from_cu_seqlens(packed.cu_seqlens, 7, 9), packed.token_index)
+    assert torch.equal(padding.mask_from_cu_seqlens(packed.cu_seqlens, 7), mask)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 8)), r"k must have shape q's shape = \(2, 5, 2, 4\)"),
+    (dict(q=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4).half()), "v must have dtype in \\(float32\\)"),
+    (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), r"key_padding_mask must have shape \(B, T\) = \(2, 5\)"),
+    (dict(key_padding_mask=torch.ones(2, 5)), "key_padding_mask must have dtype"),
+    (dict(max_seqlen=5), "max_seqlen goes with cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q must be \\(total_tokens"),
+    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+])  # fmt: skip
+def test_padded_attention_names_bad_argument(kwargs, message):
+    args = dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int64), max_seqlen=5), "cu_seqlens must have dtype in \\(int32\\)"),
+    (dict(cu_seqlens=torch.tensor([5], dtype=torch.int32), max_seqlen=5), "cu_seqlens must have B \\+ 1 >= 2"),
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "max_seqlen must be a non-negative int"),
+    (dict(cu_seqlens=None), r"q must be \(B, T, heads, head_dim\) without cu_seqlens"),
+])  # fmt: skip
+def test_packed_attention_names_bad_argument(kwargs, message):
+    q = torch.randn(5, 2, 4)
+    with pytest.raises(ValueError, match=message):
+        ops.attention(q, q, q, **kwargs)
