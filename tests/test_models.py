@@ -321,3 +321,21 @@ def test_forward_names_bad_argument(kwargs, message):
 def test_rejects_unknown_extractor_mode():
     with pytest.raises(ValueError, match="extractor_mode must be"):
         tiny("spidr", extractor_mode="batch_norm")
+
+
+def test_deferred_codebook_updates_over_micro_batches_equal_one_batch():
+    """Gradient accumulation: statistics of two micro-batches summed, applied once, equal one update on both."""
+    no_dropout = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_layer_drop=0.0)
+    whole = tiny("spidr", **no_dropout).train()
+    split = tiny("spidr", **no_dropout).train()
+    split.load_state_dict(whole.state_dict())
+    split.defer_codebook_updates = True
+    waveforms, mask_indices, _ = batch(whole, num_utterances=4, padded=False)
+    whole(waveforms, mask_indices=mask_indices)
+
+    before = split.codebooks.stacked_codebook.clone()
+    stats = [split(waveforms[half], mask_indices=mask_indices[half])[1] for half in (slice(0, 2), slice(2, 4))]
+    assert torch.equal(split.codebooks.stacked_codebook, before)  # nothing applied yet
+    split.update_codebooks(sum(s["codebook_counts"] for s in stats), sum(s["codebook_sums"] for s in stats))
+    torch.testing.assert_close(split.codebooks.stacked_codebook, whole.codebooks.stacked_codebook)
+    torch.testing.assert_close(split.codebooks.stacked_counts, whole.codebooks.stacked_counts)

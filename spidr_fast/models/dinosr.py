@@ -85,6 +85,9 @@ class DinoSR(nn.Module):
         self.register_buffer("current_step", torch.zeros(1, dtype=torch.int64))
         self.freeze_step = cfg.freeze_step
         self._extractor_frozen = False
+        # Official behaviour: a training forward updates the codebooks. When True, forward returns the batch
+        # statistics instead ("codebook_counts", "codebook_sums") and `update_codebooks` applies them.
+        self.defer_codebook_updates = False
 
     @property
     def num_codebooks(self) -> int:
@@ -203,6 +206,14 @@ class DinoSR(nn.Module):
         weight = torch.stack([head[0].weight for head in self.heads])
         bias = torch.stack([head[0].bias for head in self.heads])
         loss, mean_probs = ops.heads_cross_entropy(predictions, weight, bias, labels)
+        if self.defer_codebook_updates:
+            num_frames = batch_counts[0].sum().clamp_min(1)
+            return loss, {
+                "target_ppl": perplexity(batch_counts / num_frames).sum() / self.num_codebooks,
+                "pred_ppl": perplexity(mean_probs).sum() / self.num_codebooks,
+                "codebook_counts": batch_counts,
+                "codebook_sums": batch_sums,
+            }
         target_probs, pred_probs = self._sync_statistics_and_update_codebooks(batch_counts, batch_sums, mean_probs)
         return loss, {
             "target_ppl": perplexity(target_probs).sum() / self.num_codebooks,
@@ -217,15 +228,32 @@ class DinoSR(nn.Module):
         target and prediction distributions over codewords (L, K) of the global batch."""
         update = self.training and self.codebooks.decay < 1.0
         num_frames = batch_counts[0].sum()
-        if dist.is_available() and dist.is_initialized():
-            parts = [batch_counts, mean_probs * num_frames, num_frames.view(1)] + ([batch_sums] if update else [])
-            flat = torch.cat([p.flatten() for p in parts])
-            dist.all_reduce(flat)
-            sizes = [p.numel() for p in parts]
-            synced = [s.view_as(p) for s, p in zip(flat.split(sizes), parts, strict=True)]
-            batch_counts, prob_sums, num_frames = synced[:3]
-            batch_sums = synced[3] if update else batch_sums
+        if _distributed():
+            parts = [batch_counts, mean_probs * num_frames, num_frames] + ([batch_sums] if update else [])
+            batch_counts, prob_sums, num_frames, *rest = _all_reduce_as_one(parts)
+            batch_sums = rest[0] if update else batch_sums
             mean_probs = prob_sums / num_frames.clamp_min(1)
         if update:
             self.codebooks.update_(batch_counts, batch_sums)
         return batch_counts / num_frames.clamp_min(1), mean_probs
+
+    @torch.no_grad()
+    def update_codebooks(self, batch_counts: Tensor, batch_sums: Tensor) -> None:
+        """Apply the statistics that forward returned with `defer_codebook_updates`, summed over micro-batches:
+        one all-reduce over ranks, then the EMA update. For gradient accumulation and skipped steps."""
+        if self.codebooks.decay >= 1.0:
+            return
+        if _distributed():
+            batch_counts, batch_sums = _all_reduce_as_one([batch_counts, batch_sums])
+        self.codebooks.update_(batch_counts, batch_sums)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_as_one(tensors: list[Tensor]) -> list[Tensor]:
+    """Sum each tensor over ranks with a single all-reduce of one flat buffer."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
