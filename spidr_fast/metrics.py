@@ -1,0 +1,43 @@
+"""Unit quality against frame-level phone labels, with the SpidR paper's definitions: PNMI, phone purity,
+cluster purity, and the perplexity and count of the units used."""
+
+import numpy as np
+
+MAX_LENGTH_MISMATCH = 2  # frames; the feature extractor drops a few samples at the end of each file
+
+
+def joint_counts(phones: list[np.ndarray], units: list[np.ndarray], num_phones: int, num_units: int,
+                 repeat: int = 2) -> np.ndarray:  # fmt: skip
+    """(num_phones, num_units) co-occurrence counts of 10 ms phone labels and units repeated `repeat` times
+    (20 ms units against 10 ms labels)."""
+    counts = np.zeros((num_phones, num_units), dtype=np.int64)
+    for i, (p, u) in enumerate(zip(phones, units, strict=True)):
+        u = np.repeat(np.asarray(u), repeat)
+        if abs(len(p) - len(u)) > MAX_LENGTH_MISMATCH * repeat:
+            raise ValueError(f"utterance {i}: {len(p)} phone frames but {len(u)} unit frames after repetition")
+        n = min(len(p), len(u))
+        np.add.at(counts, (np.asarray(p[:n]), u[:n]), 1)
+    return counts
+
+
+def _entropy(probs: np.ndarray) -> float:
+    nonzero = probs[probs > 0]
+    return float(-(nonzero * np.log2(nonzero)).sum())
+
+
+def unit_quality(counts: np.ndarray) -> dict[str, float]:
+    """Metrics of a (phones, units) count matrix."""
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("no frame to score: the count matrix is empty")
+    joint = counts / total
+    phone_probs, unit_probs = joint.sum(1), joint.sum(0)
+    phone_entropy = _entropy(phone_probs)
+    mutual_information = phone_entropy + _entropy(unit_probs) - _entropy(joint.ravel())
+    return {
+        "pnmi": mutual_information / phone_entropy if phone_entropy > 0 else 0.0,
+        "phone_purity": float(joint.max(0).sum()),
+        "cluster_purity": float(joint.max(1).sum()),
+        "unit_perplexity": float(2 ** _entropy(unit_probs)),
+        "active_units": int((unit_probs > 0).sum()),
+    }

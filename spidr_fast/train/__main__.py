@@ -1,0 +1,138 @@
+"""python -m spidr_fast.train [--config FILE] [--manifest M] [--compile] ...
+
+With no arguments: a small SpidR trained on the built-in synthetic corpus for a few CPU minutes, with progress,
+checkpoints, a metrics log and a closing summary of unit quality. Relaunching the same command resumes the run.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from spidr_fast.train import config as config_module
+from spidr_fast.train import distributed
+from spidr_fast.train.checkpoint import export_state_dict
+from spidr_fast.train.loop import NonFiniteError, Trainer
+
+# flag → (section, field)
+FIELD_FLAGS = {
+    "model": ("run", "model_type"),
+    "manifest": ("data", "manifest"),
+    "max_steps": ("optimizer", "max_steps"),
+    "accumulate": ("run", "accumulate"),
+    "dtype": ("optimizer", "dtype"),
+    "lr": ("optimizer", "lr"),
+    "seed": ("run", "random_seed"),
+    "log_interval": ("run", "log_interval"),
+    "save_interval": ("run", "save_interval"),
+    "keep_latest": ("run", "keep_latest"),
+    "validate_interval": ("run", "validate_interval"),
+    "num_workers": ("data", "num_workers"),
+    "max_batch_length": ("data", "max_batch_length"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m spidr_fast.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", help="TOML or JSON config with the official sections (run, data, model, "
+                        "optimizer, masking, validation); without it, the small synthetic-corpus run")  # fmt: skip
+    parser.add_argument("--model", choices=["spidr", "dinosr"], help="run.model_type")
+    parser.add_argument("--manifest", help="data.manifest: a fairseq TSV or an official spidr CSV of 16 kHz mono audio")
+    parser.add_argument("--max-steps", type=int, help="optimizer.max_steps")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: run.workdir/run.wandb_project/run.wandb_name)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic batch and time)")
+    parser.add_argument("--accumulate", type=int, help="run.accumulate: micro-batches per optimizer step")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="optimizer.dtype: autocast dtype")
+    parser.add_argument("--lr", type=float, help="optimizer.lr: peak learning rate")
+    parser.add_argument("--seed", type=int, help="run.random_seed")
+    parser.add_argument("--log-interval", type=int, help="run.log_interval, in steps")
+    parser.add_argument("--save-interval", type=int, help="run.save_interval, in steps")
+    parser.add_argument("--keep-latest", type=int, help="run.keep_latest: checkpoints kept (-1: all)")
+    parser.add_argument("--validate-interval", type=int, help="run.validate_interval, in steps (0: at the end)")
+    parser.add_argument("--num-workers", type=int, help="data.num_workers: data-loading processes")
+    parser.add_argument("--max-batch-length", type=int, help="data.max_batch_length: samples per batch and GPU")
+    parser.add_argument("--device", help="torch device (default: this rank's GPU, else the CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any config field, value in TOML syntax (repeatable)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="write a torch profiler trace of a few steps")
+    parser.add_argument("--export", action="store_true",
+                        help="at the end, write export/model.pt and config.json that the official spidr loads")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
+    raw: dict[str, Any] = (
+        config_module.read_config_file(args.config) if args.config else config_module.SYNTHETIC_DEFAULTS
+    )
+    overrides: dict[str, Any] = {}
+    for flag, (section, name) in FIELD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides = config_module.merge(overrides, {section: {name: value}})
+    for assignment in args.set:
+        overrides = config_module.merge(overrides, config_module.parse_override(assignment))
+    return config_module.config_from_dict(config_module.merge(raw, overrides))
+
+
+def print_summary(summary: dict[str, Any], export: Path | None) -> None:
+    train = summary.get("train") or {}
+    lines = [f"run folder: {summary['run_dir']}", f"steps: {summary['step']}"]
+    if summary["preempted"]:
+        lines.append("stopped by a signal: checkpoint written; run the same command again to resume")
+    if summary["checkpoint"]:
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+    if export:
+        lines.append(f"export (official format): {export}")
+    if train:
+        lines.append(f"final loss: {train['loss']:.4f} (target ppl {train['target_ppl']:.1f}, "
+                     f"pred ppl {train['pred_ppl']:.1f})")  # fmt: skip
+    if summary["skipped_files"]:
+        lines.append(f"unreadable audio files skipped: {summary['skipped_files']}")
+    for name, result in (summary.get("validation") or {}).items():
+        line = f"validation [{name}]: loss {result['loss']:.4f}"
+        if "pnmi" in result:
+            line += (f", PNMI {result['pnmi']:.3f} and unit perplexity {result['unit_perplexity']:.1f} "
+                     f"({result['best_layer']}, best head)")  # fmt: skip
+        lines.append(line)
+    lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or cfg.run.dir
+    ctx = distributed.setup(args.device)
+    try:
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        trainer = Trainer(cfg, run_dir, ctx, compile_model=args.compile or cfg.run.compile, profile=args.profile,
+                          progress=not args.no_progress)  # fmt: skip
+        summary = trainer.fit()
+        export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
+        if ctx.is_main:
+            print_summary(summary, export)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

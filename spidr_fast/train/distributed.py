@@ -1,0 +1,56 @@
+"""Process-group setup from torchrun's or SLURM's environment; a single process needs none."""
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as "gpu[03-05,09],cpu1" → "gpu03"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot read SLURM node list {nodelist!r}; set MASTER_ADDR")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def setup(device: str | None = None) -> Context:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
+        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per GPU
+        rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+        env.setdefault("MASTER_ADDR", _first_host(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", "29500")
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                device_id=torch_device if torch_device.type == "cuda" else None)  # fmt: skip
+    return Context(rank, world_size, local_rank, torch_device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

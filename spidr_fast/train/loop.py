@@ -1,0 +1,367 @@
+"""The training loop: DDP, autocast, gradient accumulation, the teacher and codebook updates, checkpoints,
+validation, and faults that lose nothing (unreadable audio, non-finite steps, preemption, failed writes).
+
+One optimizer step, on every rank:
+    micro-batches → forward (codebook statistics returned, not applied) → backward (DDP syncs on the last)
+    → one check of the loss and gradient norm (the step's only host sync) → skip the whole step if non-finite
+    → optimizer, then the codebook EMA from the summed statistics (one all-reduce), then the teacher EMA.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from spidr_fast.data.loading import Batch, build_loader
+from spidr_fast.models import build_model
+from spidr_fast.models.components import num_frames
+from spidr_fast.train import checkpoint
+from spidr_fast.train.config import TrainConfig
+from spidr_fast.train.distributed import Context
+from spidr_fast.train.optim import build_optimizer
+from spidr_fast.train.validation import validate
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def _nvtx(name: str) -> contextlib.AbstractContextManager:
+    """An NVTX range for Nsight on a GPU; nothing on a CPU."""
+    if torch.cuda.is_available():
+        import nvtx
+
+        return nvtx.annotate(name)
+    return contextlib.nullcontext()
+
+
+class MetricsLog:
+    """JSON lines always; TensorBoard and wandb when asked for and installed."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.sinks: list[Any] = []
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        if "tensorboard" in cfg.run.loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.sinks.append(SummaryWriter(str(run_dir / "tensorboard")))
+            except ImportError:
+                logger.warning("run.loggers asks for tensorboard, which is not installed")
+        if "wandb" in cfg.run.loggers:
+            try:
+                import wandb
+
+                self.sinks.append(wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name, mode=cfg.run.wandb_mode,
+                                             dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow"))  # fmt: skip
+            except ImportError:
+                logger.warning("run.loggers asks for wandb, which is not installed")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for sink in self.sinks:
+            scalars = {f"{record['split']}/{k}": v for k, v in record.items() if isinstance(v, int | float)}
+            if hasattr(sink, "add_scalar"):
+                for key, value in scalars.items():
+                    sink.add_scalar(key, value, step)
+            else:
+                sink.log(scalars, step=step)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_model: bool = False,
+                 profile: bool = False, progress: bool = True) -> None:  # fmt: skip
+        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        self.compile_model, self.profile, self.progress = compile_model, profile, progress
+        self.device = ctx.device
+        self.dtype = DTYPES[cfg.optimizer.dtype]
+        torch.manual_seed(cfg.run.random_seed)
+        if cfg.run.use_deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model = build_model(cfg=cfg.model, model_type=cfg.run.model_type, checkpoint=cfg.run.init_ckpt)
+        self.model.to(self.device).train()
+        self.model.defer_codebook_updates = True
+        self.loader = build_loader(cfg.data, cfg.masking, partial(num_frames, cfg.model), rank=ctx.rank,
+                                   world_size=ctx.world_size, pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.step, self.epoch, self.position, self.nonfinite_in_a_row, self.skipped_files = 0, 0, 0, 0, 0
+        state = checkpoint.load_latest(self.checkpoint_dir)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.step = state["step"]
+            if self.step >= cfg.model.freeze_step:
+                self.model.freeze_extractor()
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        if state is not None:
+            self._restore(state)
+        self._wrap()
+        self.log = MetricsLog(cfg, run_dir, enabled=ctx.is_main)
+        self._stop_requested = False
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    # --- state -----------------------------------------------------------------------------------------------------
+
+    def _wrap(self) -> None:
+        """DDP (every trainable parameter takes a gradient, so no find_unused_parameters; codebooks are kept
+        equal by their own all-reduce, so no buffer broadcast), then torch.compile."""
+        net: torch.nn.Module = self.model
+        if self.ctx.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        self.ddp = net
+        self.net = torch.compile(net) if self.compile_model else net
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_files": self.skipped_files,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "config": dataclasses.asdict(self.cfg),
+        }  # fmt: skip
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.nonfinite_in_a_row, self.skipped_files = state["nonfinite_in_a_row"], state["skipped_files"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        return checkpoint.save_checkpoint(self.checkpoint_dir, self.step, self._state(), self.cfg.run.keep_latest)
+
+    # --- data ------------------------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch, from the saved position; empty batches (all files unreadable)
+        are counted and passed over."""
+        while True:
+            self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
+            for batch in self.loader:
+                self.position += 1
+                self.skipped_files += batch.skipped
+                if batch.waveforms.shape[0]:
+                    yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # --- one step --------------------------------------------------------------------------------------------------
+
+    def _forward_backward(self, batches: list[Batch], stop_flag: float) -> tuple[dict[str, Tensor], bool]:
+        # The global masked-frame count normalises the loss (the official rule), and carries the stop flag, so
+        # that one small all-reduce per step serves both.
+        local = torch.tensor([sum(b.mask_indices.numel() for b in batches), stop_flag], dtype=torch.float64)
+        if self.ctx.world_size > 1:
+            local = local.to(self.device)
+            dist.all_reduce(local)
+        global_frames, stop = float(local[0]), bool(local[1] > 0)
+        totals: dict[str, Tensor] = {}
+        for i, cpu_batch in enumerate(batches):
+            batch = cpu_batch.to(self.device)
+            if self.compile_model:
+                for tensor in (batch.waveforms, batch.mask_indices):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.ddp.no_sync()
+            with sync:
+                with _nvtx("forward"), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+                    loss, out = self.net(batch.waveforms, mask_indices=batch.mask_indices,
+                                         attention_mask=batch.attention_mask)  # fmt: skip
+                with _nvtx("backward"):
+                    self.scaler.scale(loss.sum() * self.ctx.world_size / max(global_frames, 1.0)).backward()
+            detached = {"loss_sum": loss.detach().sum(), "frames": torch.tensor(float(loss.numel())),
+                        "target_ppl": out["target_ppl"].detach() / len(batches),
+                        "pred_ppl": out["pred_ppl"].detach() / len(batches),
+                        "codebook_counts": out["codebook_counts"], "codebook_sums": out["codebook_sums"]}  # fmt: skip
+            for key, value in detached.items():
+                totals[key] = totals[key] + value.to(self.device) if key in totals else value.to(self.device)
+        return totals, stop
+
+    def train_step(self, batches: list[Batch], stop_flag: float = 0.0) -> tuple[dict[str, Tensor], bool, bool]:
+        """One optimizer step over `batches` (the micro-batches); returns its metrics, whether it was applied,
+        and whether any rank asked to stop."""
+        totals, stop = self._forward_backward(batches, stop_flag)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_norm)
+        totals["grad_norm"] = grad_norm.detach()
+        finite = bool(torch.isfinite(totals["loss_sum"]) & torch.isfinite(grad_norm))
+        if not finite and self.scaler.is_enabled():
+            finite = bool(torch.isfinite(totals["loss_sum"]))  # inf gradients: the scaler skips and backs off
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            self.nonfinite_in_a_row += 1
+            return totals, False, stop
+        with _nvtx("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        with _nvtx("codebooks"):
+            self.model.update_codebooks(totals["codebook_counts"], totals["codebook_sums"])
+        self.step += 1
+        self.nonfinite_in_a_row = 0
+        with _nvtx("ema"):
+            frozen = self.model._extractor_frozen
+            totals["ema_decay"] = torch.tensor(self.model.update_ema(self.step))
+            if self.model._extractor_frozen and not frozen:
+                self._drop_frozen_parameters()
+        return totals, True, stop
+
+    def _drop_frozen_parameters(self) -> None:
+        """At freeze_step: the optimizer forgets the extractor's group and DDP stops waiting for its gradients."""
+        if len(self.optimizer.param_groups) > 1:
+            for param in self.optimizer.param_groups[1]["params"]:
+                self.optimizer.state.pop(param, None)
+            del self.optimizer.param_groups[1]
+            del self.scheduler.base_lrs[1]
+        self._wrap()
+
+    # --- the run ---------------------------------------------------------------------------------------------------
+
+    def _request_stop(self, signum: int, _frame: object) -> None:
+        logger.warning("received %s: checkpointing and exiting", signal.Signals(signum).name)
+        self._stop_requested = True
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg.run
+        max_steps = self.cfg.optimizer.max_steps
+        previous = {s: signal.signal(s, self._request_stop) for s in PREEMPTION_SIGNALS}
+        batches = self._batches()
+        interval: dict[str, Tensor] = {}
+        interval_start, last_logged, preempted = time.perf_counter(), {}, False
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and self.progress),
+                   desc="training", unit="step", dynamic_ncols=True)  # fmt: skip
+        profiler = self._profiler()
+        try:
+            while self.step < max_steps:
+                with _nvtx("data"):
+                    micro_batches = [next(batches) for _ in range(cfg.accumulate)]
+                totals, applied, stop = self.train_step(micro_batches, float(self._stop_requested))
+                if profiler is not None:
+                    profiler.step()
+                if not applied:
+                    logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
+                                   self.step + 1, self.nonfinite_in_a_row)  # fmt: skip
+                    if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                        path = checkpoint.checkpoints(self.checkpoint_dir)
+                        raise NonFiniteError(
+                            f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}: stopping. "
+                            f"Last good checkpoint: {path[-1] if path else 'none'}"
+                        )
+                else:
+                    bar.update()
+                    for key in ("loss_sum", "frames", "target_ppl", "pred_ppl", "grad_norm"):
+                        interval[key] = interval.get(key, 0) + totals[key]
+                    interval["steps"] = interval.get("steps", 0) + 1
+                    if self.step % cfg.log_interval == 0 or self.step == max_steps:
+                        last_logged = self._log_interval(interval, time.perf_counter() - interval_start, totals)
+                        bar.set_postfix(loss=f"{last_logged['loss']:.3f}", target_ppl=f"{last_logged['target_ppl']:.1f}",
+                                        pred_ppl=f"{last_logged['pred_ppl']:.1f}")  # fmt: skip
+                        interval, interval_start = {}, time.perf_counter()
+                    if self.step % cfg.save_interval == 0:
+                        self.save()
+                    if cfg.validate_interval and self.step % cfg.validate_interval == 0 and self.step < max_steps:
+                        self.validate()
+                if stop:
+                    preempted = True
+                    break
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if profiler is not None:
+                profiler.stop()
+        last_checkpoint = self.save()
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "preempted": preempted,
+                   "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+                   "skipped_files": self.skipped_files, "train": last_logged}  # fmt: skip
+        if not preempted:
+            summary["validation"] = self.validate()
+        return summary
+
+    def _log_interval(self, interval: dict[str, Tensor], seconds: float, totals: dict[str, Tensor]) -> dict[str, Any]:
+        steps = interval["steps"]
+        record = {
+            "split": "train", "step": self.step, "epoch": self.epoch,
+            "loss": float(interval["loss_sum"] / interval["frames"]),
+            "target_ppl": float(interval["target_ppl"]) / steps, "pred_ppl": float(interval["pred_ppl"]) / steps,
+            "grad_norm": float(interval["grad_norm"]) / steps, "lr": self.scheduler.get_last_lr()[0],
+            "ema_decay": float(totals["ema_decay"]), "steps_per_s": steps / max(seconds, 1e-9),
+            "skipped_files": self.skipped_files,
+        }  # fmt: skip
+        self.log.write(record)
+        return record
+
+    def validate(self) -> dict[str, Any]:
+        """On the main rank only: validation forwards need no collective."""
+        if not self.ctx.is_main:
+            return {}
+        results = {}
+        for name, data_cfg in self.cfg.validation.items():
+            results[name] = validate(self.model, data_cfg, self.cfg.masking, self.device, self.dtype)
+            self.log.write({"split": f"valid/{name}", "step": self.step, **_flatten(results[name])})
+        self.model.train()
+        return results
+
+    def _profiler(self) -> torch.profiler.profile | None:
+        if not (self.profile and self.ctx.is_main):
+            return None
+        trace_dir = self.run_dir / "profile"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(
+            activities=activities, schedule=torch.profiler.schedule(wait=2, warmup=2, active=3, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
+        )  # fmt: skip
+        profiler.start()
+        return profiler
+
+
+def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and math.isfinite(value):
+            flat[f"{prefix}{key}"] = value
+    return flat
