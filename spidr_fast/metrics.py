@@ -33,7 +33,7 @@ def unit_quality(counts: np.ndarray) -> dict[str, float]:
     joint = counts / total
     phone_probs, unit_probs = joint.sum(1), joint.sum(0)
     phone_entropy = _entropy(phone_probs)
-    mutual_information = phone_entropy + _entropy(unit_probs) - _entropy(joint.ravel())
+    mutual_information = max(0.0, phone_entropy + _entropy(unit_probs) - _entropy(joint.ravel()))  # rounding
     return {
         "pnmi": mutual_information / phone_entropy if phone_entropy > 0 else 0.0,
         "phone_purity": float(joint.max(0).sum()),

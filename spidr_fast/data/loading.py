@@ -257,5 +257,8 @@ def build_loader(
         pin_memory=pin_memory and cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
+        # Its own generator: starting an epoch must not draw from the global RNG that dropout uses, or a
+        # resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.random_seed + rank),
     )
 

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        trainer = Trainer(cfg, run_dir, ctx, compile_model=args.compile or cfg.run.compile, profile=args.profile,
+        trainer = Trainer(cfg, run_dir, ctx, compile_backend="inductor" if args.compile or cfg.run.compile else None, profile=args.profile,
                           progress=not args.no_progress)  # fmt: skip
         summary = trainer.fit()
         export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None

@@ -138,10 +138,14 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`raw` with the fields of `overrides` replaced, section by section."""
-    merged = {name: dict(fields_) for name, fields_ in raw.items()}
-    for name, fields_ in overrides.items():
-        merged.setdefault(name, {}).update(fields_)
+    """`raw` with the fields of `overrides` replaced, recursively through nested tables (an empty table
+    replaces, so that `{"validation": {}}` removes every validation set)."""
+    merged = dict(raw)
+    for name, value in overrides.items():
+        if isinstance(value, dict) and value and isinstance(merged.get(name), dict):
+            merged[name] = merge(merged[name], value)
+        else:
+            merged[name] = value
     return merged
 
 
@@ -158,23 +162,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_override(assignment: str) -> dict[str, Any]:
-    """"section.field=value" (value in TOML syntax, or a bare string) → {"section": {"field": value}}."""
+    """"section.field=value" or "validation.name.field=value" (value in TOML syntax, or a bare string) → the
+    nested dict {"section": {"field": value}}."""
     key, sep, value = assignment.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not name:
+    path = key.strip().split(".")
+    if not sep or len(path) < 2 or not all(path):
         raise ValueError(f"--set expects section.field=value, got {assignment!r}")
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        parsed: Any = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
-    return {section: {name: parsed}}
+    for name in reversed(path):
+        parsed = {name: parsed}
+    return parsed
 
 
 # A small SpidR on the synthetic corpus: a few minutes of training on 2 CPU cores.
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "run": {"model_type": "spidr", "log_interval": 10, "save_interval": 100, "keep_latest": 2, "compile": False,
             "validate_interval": 100},
-    "data": {"max_sample_size": 48_000, "max_batch_length": 400_000, "num_buckets": 4, "num_workers": 2,
+    "data": {"max_sample_size": 48_000, "max_batch_length": 240_000, "num_buckets": 4, "num_workers": 2,
              "min_sample_size": 16_000},
     "model": {"extractor_conv_layer_config": [[128, 10, 5], [128, 3, 2], [128, 3, 2], [128, 3, 2], [128, 3, 2],
                                               [128, 2, 2], [128, 2, 2]],  # 20 ms frames, as the official

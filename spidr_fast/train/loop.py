@@ -92,10 +92,13 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_model: bool = False,
+    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_backend: str | None = None,
                  profile: bool = False, progress: bool = True) -> None:  # fmt: skip
+        """`compile_backend`: None runs eagerly; "inductor" is torch.compile's default."""
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
-        self.compile_model, self.profile, self.progress = compile_model, profile, progress
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self.compile_backend, self.profile, self.progress = compile_backend, profile, progress
         self.device = ctx.device
         self.dtype = DTYPES[cfg.optimizer.dtype]
         torch.manual_seed(cfg.run.random_seed)
@@ -135,7 +138,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
         self.ddp = net
-        self.net = torch.compile(net) if self.compile_model else net
+        self.net = torch.compile(net, backend=self.compile_backend) if self.compile_backend else net
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -192,7 +195,9 @@ class Trainer:
         totals: dict[str, Tensor] = {}
         for i, cpu_batch in enumerate(batches):
             batch = cpu_batch.to(self.device)
-            if self.compile_model:
+            if self.compile_backend:
+                # Batch and time vary from batch to batch: compile for dynamic sizes from the first batch on,
+                # rather than once static and again dynamic.
                 for tensor in (batch.waveforms, batch.mask_indices):
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
                     torch._dynamo.maybe_mark_dynamic(tensor, 1)

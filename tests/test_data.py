@@ -1,0 +1,191 @@
+"""Data: masks, the synthetic corpus, manifests, decoding faults, bucketed distributed batches, collation."""
+
+import importlib.util
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from spidr_fast.data import manifest as manifest_module
+from spidr_fast.data.loading import AudioSource, BucketBatchSampler, Collator, DataConfig, SpeechDataset
+from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
+from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, PHONES, SAMPLE_RATE, SyntheticCorpus
+from spidr_fast.models import SpidRConfig
+from spidr_fast.models.components import num_frames
+
+# --- masks ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
+def test_masks_are_sorted_distinct_inside_each_row_and_equal_in_count(selection):
+    lengths = torch.tensor([250, 180, 37, 250])
+    masks = compute_mask_indices(MaskingConfig(mask_selection=selection, mask_other=2.0), lengths,
+                                 torch.Generator().manual_seed(0))  # fmt: skip
+    assert masks.dtype == torch.int64 and masks.shape[0] == 4 and masks.shape[1] > 0
+    for row, length in zip(masks, lengths, strict=True):
+        assert torch.all(row < length) and torch.all(row[1:] > row[:-1])
+
+
+@pytest.mark.official
+def test_masks_have_the_official_size(official):
+    """Same number of masked frames per row as the official masking, on average over draws."""
+    from spidr.config import MaskingConfig as OfficialMaskingConfig
+
+    # spidr.data's __init__ imports torchcodec, which masking does not need: load the one file.
+    path = Path(official.__file__).parents[1] / "data" / "masks.py"
+    spec = importlib.util.spec_from_file_location("official_masks", path)
+    masks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(masks)
+    MaskGenerator = masks.MaskGenerator  # noqa: N806
+    lengths = torch.tensor([300, 300, 260, 300, 180, 300, 300, 290])
+    padding = torch.arange(300) >= lengths.unsqueeze(1)
+    official_generator = MaskGenerator(OfficialMaskingConfig())
+    ours = [compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(s)).shape[1] for s in range(40)]
+    theirs = [official_generator(padding, generator=torch.Generator().manual_seed(s))[0].shape[1] for s in range(40)]
+    assert abs(np.mean(ours) - np.mean(theirs)) < 0.05 * np.mean(theirs)
+
+
+def test_masks_are_deterministic_given_the_generator():
+    lengths = torch.tensor([120, 99])
+    first = compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(7))
+    assert torch.equal(first, compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [(dict(mask_prob=1.5), "masking.mask_prob"),
+                                                 (dict(mask_length=0), "masking.mask_length"),
+                                                 (dict(no_mask_overlap=True), "masking.no_mask_overlap")])  # fmt: skip
+def test_bad_masking_config_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskingConfig(**kwargs)
+
+
+# --- synthetic corpus ----------------------------------------------------------------------------------------------
+
+
+def test_synthetic_corpus_is_deterministic_and_seeded():
+    corpus = SyntheticCorpus(num_utterances=4)
+    assert np.array_equal(corpus.waveform(2), SyntheticCorpus(num_utterances=4).waveform(2))
+    assert np.array_equal(corpus.labels(2), corpus.labels(2))
+    assert not np.array_equal(corpus.waveform(2)[:1000], SyntheticCorpus(seed=1).waveform(2)[:1000])
+    assert len(PHONES) == 30 and len(set(PHONE_NAMES)) == 30
+
+
+def test_synthetic_labels_align_with_the_audio():
+    corpus = SyntheticCorpus(num_utterances=8)
+    energies = {"silence": [], "vowel": []}
+    for i in range(8):
+        waveform, labels = corpus.waveform(i), corpus.labels(i)
+        assert waveform.dtype == np.float32 and len(waveform) == len(labels) * LABEL_HOP
+        assert labels[0] == 0 and labels[-1] == 0  # starts and ends on silence
+        frames = waveform.reshape(-1, LABEL_HOP)
+        for kind in energies:
+            chosen = [PHONES[p].kind == kind for p in labels]
+            energies[kind].append(np.sqrt((frames[chosen] ** 2).mean()))
+    assert np.mean(energies["vowel"]) > 10 * np.mean(energies["silence"])
+
+
+def test_synthetic_corpus_writes_wavs_manifest_and_alignments(tmp_path):
+    corpus = SyntheticCorpus(num_utterances=3)
+    manifest = corpus.write(tmp_path)
+    entries = manifest_module.read_manifest(manifest)
+    assert [e.fileid for e in entries] == ["utt00000", "utt00001", "utt00002"]
+    audio, rate = soundfile.read(entries[1].path, dtype="float32")
+    assert rate == SAMPLE_RATE and len(audio) == entries[1].num_samples == corpus.num_samples(1)
+    records = [json.loads(line) for line in (tmp_path / "alignments.jsonl").read_text().splitlines()]
+    assert records[1]["fileid"] == "utt00001" and len(records[1]["phones"]) == len(corpus.labels(1))
+
+
+# --- manifests and decoding ----------------------------------------------------------------------------------------
+
+
+def write_wav(path, num_samples, rate=SAMPLE_RATE, channels=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, (num_samples, channels)), rate)
+
+
+def test_manifest_formats_and_writer(tmp_path, capsys):
+    write_wav(tmp_path / "audio" / "a.wav", 16_000)
+    write_wav(tmp_path / "audio" / "sub" / "b.flac", 8_000)
+    (tmp_path / "audio" / "broken.wav").write_bytes(b"RIFF not really a wav")
+    manifest_module.main([str(tmp_path / "audio"), "-o", str(tmp_path / "train.tsv"), "--workers", "2"])
+    assert "wrote 2 files" in capsys.readouterr().out
+    entries = manifest_module.read_manifest(tmp_path / "train.tsv")
+    assert [(e.fileid, e.num_samples) for e in entries] == [("a", 16_000), ("b", 8_000)]
+    assert entries[1].path == (tmp_path / "audio" / "sub" / "b.flac").resolve()
+
+    csv = tmp_path / "train.csv"
+    csv.write_text(f"fileid,path,num_samples\nx,{entries[0].path},16000\n")
+    assert manifest_module.read_manifest(csv) == [manifest_module.Entry("x", entries[0].path, 16_000)]
+
+
+def test_bad_manifest_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        manifest_module.read_manifest(tmp_path / "none.tsv")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("/root\nno-tab-here\n")
+    with pytest.raises(ValueError, match="bad.tsv: expected a fairseq TSV"):
+        manifest_module.read_manifest(bad)
+
+
+def test_corrupt_audio_is_skipped_and_wrong_format_is_an_error(tmp_path, caplog):
+    write_wav(tmp_path / "good.wav", 4_000)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage")
+    write_wav(tmp_path / "stereo.wav", 4_000, channels=2)
+    write_wav(tmp_path / "slow.wav", 4_000, rate=8_000)
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\ngood.wav\t4000\ncorrupt.wav\t4000\nstereo.wav\t4000\nslow.wav\t4000\n")
+    dataset = SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=True)
+    waveform, _ = dataset[(0, 1)]
+    assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5
+    assert dataset[(1, 1)] == (None, 1)
+    assert "corrupt.wav" in caplog.text
+    for index, name in ((2, "stereo.wav"), (3, "slow.wav")):
+        with pytest.raises(ValueError, match=f"{name}: expected mono audio at 16000 Hz"):
+            dataset[(index, 1)]
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+
+def test_batches_fit_the_budget_and_cover_every_utterance_once():
+    lengths = [int(n) for n in np.random.default_rng(0).integers(2_000, 40_000, 200)]
+    cfg = DataConfig(max_sample_size=32_000, max_batch_length=100_000, num_buckets=8)
+    sampler = BucketBatchSampler(lengths, cfg)
+    batches = [[i for i, _ in b] for b in sampler]
+    assert all(sum(min(lengths[i], 32_000) for i in b) <= 100_000 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    sampler.set_epoch(1)
+    assert [[i for i, _ in b] for b in sampler] != batches  # reshuffled
+
+
+def test_ranks_get_the_same_number_of_distinct_batches_and_resume_skips():
+    lengths = [20_000] * 23
+    cfg = DataConfig(max_sample_size=32_000, max_batch_length=40_000, num_buckets=1)
+    ranks = [list(BucketBatchSampler(lengths, cfg, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(BucketBatchSampler(lengths, cfg, world_size=3))
+    seeds = [seed for r in ranks for b in r for _, seed in b[:1]]
+    assert len(set(seeds)) == len(seeds)  # every batch draws its own crops and masks
+    resumed = BucketBatchSampler(lengths, cfg, rank=1, world_size=3)
+    resumed.set_epoch(0, start=2)
+    assert list(resumed) == ranks[1][2:]
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_collator_crops_or_pads_and_masks(padding):
+    model_cfg = SpidRConfig()
+    collate = Collator(DataConfig(enable_padding=padding), MaskingConfig(), partial(num_frames, model_cfg))
+    items = [(torch.randn(n), 5) for n in (16_000, 24_000, 20_000)] + [(None, 5)]
+    batch = collate(items)
+    assert batch.skipped == 1
+    assert batch.waveforms.shape == (3, 24_000 if padding else 16_000)
+    frames = int(num_frames(model_cfg, torch.tensor(batch.waveforms.shape[1])))
+    if padding:
+        assert batch.attention_mask.shape == (3, 1, 1, frames)
+        assert batch.attention_mask.view(3, -1).sum(1).tolist() == num_frames(model_cfg, torch.tensor([16_000, 24_000, 20_000])).tolist()
+        assert int(batch.mask_indices.max()) < frames
+    else:
+        assert batch.attention_mask is None
+    assert torch.equal(collate(items).mask_indices, batch.mask_indices)  # seeded by the batch

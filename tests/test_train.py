@@ -1,0 +1,308 @@
+"""The training loop on CPU: CLI end to end, resume, accumulation, DDP, faults, config, schedules, compile."""
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from conftest import TINY
+
+from spidr_fast.metrics import joint_counts, unit_quality
+from spidr_fast.train import checkpoint
+from spidr_fast.train import config as config_module
+from spidr_fast.train.__main__ import main
+from spidr_fast.train.distributed import Context, _first_host
+from spidr_fast.train.loop import NonFiniteError, Trainer
+from spidr_fast.train.optim import lr_factor
+
+CPU = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_layer_drop=0.0)
+# 20 ms frames like the real model, everything else tiny.
+TINY_TRAIN = {
+    "run": {"model_type": "spidr", "log_interval": 1, "save_interval": 2, "keep_latest": 2, "compile": False,
+            "validate_interval": 0},
+    "data": {"synthetic_utterances": 12, "num_workers": 0, "max_sample_size": 24_000, "max_batch_length": 60_000,
+             "min_sample_size": 8_000, "num_buckets": 2},
+    "model": TINY | {"extractor_conv_layer_config": [[32, 10, 5], [32, 4, 4], [32, 4, 4], [32, 4, 4]]},
+    "optimizer": {"max_steps": 4, "warmup_steps": 1, "scheduler": "cosine", "dtype": "float32", "lr": 1e-3},
+    "validation": {"synthetic": {"synthetic_utterances": 3, "synthetic_seed": 1, "num_workers": 0,
+                                 "max_sample_size": 24_000, "max_batch_length": 60_000, "min_sample_size": 8_000,
+                                 "num_buckets": 1}},
+}  # fmt: skip
+
+
+def tiny_config(**sections):
+    return config_module.config_from_dict(config_module.merge(TINY_TRAIN, sections))
+
+
+def tiny_cli_args(run_dir, *extra):
+    args = ["--run-dir", str(run_dir), "--no-progress"]
+    for section, fields in TINY_TRAIN.items():
+        for name, value in fields.items():
+            for field, leaf in (value.items() if section == "validation" else [(None, value)]):
+                key = f"{section}.{name}" if field is None else f"{section}.{name}.{field}"
+                args.append(f"--set={key}={json.dumps(leaf)}")
+    return args + list(extra)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.official
+def test_cli_trains_on_the_synthetic_corpus_and_exports_for_the_official_package(official, tmp_path, capsys):
+    assert main(tiny_cli_args(tmp_path / "run", "--export")) == 0
+    out = capsys.readouterr().out
+    assert f"run folder: {tmp_path / 'run'}" in out and "final loss:" in out and "PNMI" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["target_ppl"] >= 1 for r in records if r["split"] == "train")
+    validation = [r for r in records if r["split"] == "valid/synthetic"][-1]
+    assert 0 <= validation["units/layer_3/pnmi"] <= 1
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step_00000002.pt", "step_00000004.pt"]  # fmt: skip
+    loaded = official.build_model(model_type="spidr", checkpoint=tmp_path / "run" / "export" / "model.pt")
+    assert loaded.codebooks[0].codebook.shape == (TINY["codebook_size"], TINY["encoder_embed_dim"])
+
+
+def test_cli_names_a_bad_config_field(tmp_path, capsys):
+    assert main(["--run-dir", str(tmp_path), "--set", "optimizer.learning_rate=1"]) == 2
+    assert "unknown field optimizer.learning_rate" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--set", "optimizer.scheduler='linear'"]) == 2
+    assert "optimizer.scheduler must be one of" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--manifest", str(tmp_path / "missing.tsv")]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+
+
+def test_official_config_file_is_read_as_it_is(tmp_path):
+    (tmp_path / "official.toml").write_text("""
+[run]
+workdir = "/tmp/w"
+wandb_project = "p"
+wandb_name = "n"
+model_type = "spidr"
+[data]
+manifest = "train.tsv"
+[model]
+encoder_layer_drop = 0.0
+[optimizer]
+lr = 0.0005
+[masking]
+mask_prob = 0.8
+[validation.dev]
+manifest = "dev.tsv"
+""")
+    cfg = config_module.config_from_dict(config_module.read_config_file(tmp_path / "official.toml"))
+    assert cfg.run.dir.as_posix() == "/tmp/w/p/n" and cfg.model.encoder_embed_dim == 768
+    assert cfg.validation["dev"].manifest == "dev.tsv" and cfg.data.max_batch_length == 3_800_000
+
+
+# --- exactness of the loop -----------------------------------------------------------------------------------------
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """Two steps, stop, two more: the same weights, codebooks and teacher as four steps in a row (a schedule
+    that does not depend on max_steps, so that the shortened first run keeps the same learning rates)."""
+    constant_lr = {"scheduler": "constant", "warmup_steps": 2}
+    straight = Trainer(tiny_config(optimizer=constant_lr, validation={}), tmp_path / "a", CPU, progress=False)
+    straight.fit()
+    first = Trainer(tiny_config(optimizer=constant_lr | {"max_steps": 2}, validation={}), tmp_path / "b", CPU,
+                    progress=False)  # fmt: skip
+    first.fit()
+    resumed = Trainer(tiny_config(optimizer=constant_lr, validation={}), tmp_path / "b", CPU, progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
+
+
+def _batches(trainer, count):
+    it = trainer._batches()
+    return [next(it) for _ in range(count)]
+
+
+def _concat(batches):
+    from spidr_fast.data.loading import Batch
+
+    width = min(b.waveforms.shape[1] for b in batches)
+    masks = min(b.mask_indices.shape[1] for b in batches)
+    return Batch(torch.cat([b.waveforms[:, :width] for b in batches]), None,
+                 torch.cat([b.mask_indices[:, :masks] for b in batches]), 0)  # fmt: skip
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    cfg = tiny_config(model=NO_DROPOUT, data={"max_batch_length": 40_000})
+    accumulated = Trainer(cfg, tmp_path / "a", CPU, progress=False)
+    large = Trainer(cfg, tmp_path / "b", CPU, progress=False)
+    micro = _batches(accumulated, 4)
+    union = _concat(micro)
+    # Same shapes inside each micro-batch as in the union batch, so the two computations see the same frames.
+    micro = [type(b)(b.waveforms[:, : union.waveforms.shape[1]], None, b.mask_indices[:, : union.mask_indices.shape[1]], 0)
+             for b in micro]  # fmt: skip
+    accumulated.train_step(micro)
+    large.train_step([union])
+    for key, value in large.model.state_dict().items():
+        torch.testing.assert_close(accumulated.model.state_dict()[key], value, rtol=2e-5, atol=2e-6, msg=key)
+    assert accumulated.step == large.step == 1
+
+
+def _ddp_rank(rank, port, run_dir, results):
+    import torch.distributed as dist
+
+    from spidr_fast.train.distributed import setup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    ctx = setup("cpu")
+    try:
+        trainer = Trainer(tiny_config(model=NO_DROPOUT), run_dir, ctx, progress=False)
+        batches = _batches(Trainer(tiny_config(model=NO_DROPOUT), run_dir / "data", CPU, progress=False), 2)
+        trainer.train_step([batches[rank]])
+        results[rank] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_ddp_step_equals_one_process_on_the_union_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = Trainer(tiny_config(model=NO_DROPOUT), tmp_path / "single", CPU, progress=False)
+    batches = _batches(single, 2)
+    union = _concat(batches)
+    assert union.waveforms.shape[1] == batches[0].waveforms.shape[1] == batches[1].waveforms.shape[1]
+    single.train_step([union])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_rank, args=(port, tmp_path / "ddp", results), nprocs=2)
+        results = dict(results)
+    for key, value in single.model.state_dict().items():
+        for rank in (0, 1):
+            torch.testing.assert_close(results[rank][key], value, rtol=2e-5, atol=2e-6, msg=f"rank {rank}: {key}")
+
+
+# --- faults --------------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(run={"max_nonfinite_steps": 2}), tmp_path, CPU, progress=False)
+    batches = _batches(trainer, 3)
+    trainer.train_step([batches[0]])
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda *a, **k: (lambda l, o: (l * float("nan"), o))(*forward(*a, **k)))
+    _, applied, _ = trainer.train_step([batches[1]])
+    assert not applied and trainer.step == 1
+    for key, value in trainer.model.state_dict().items():  # no optimizer, EMA or codebook update
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(NonFiniteError, match="2 non-finite steps in a row"):
+        trainer.fit()
+
+
+def test_sigterm_checkpoints_and_a_restart_resumes(tmp_path):
+    trainer = Trainer(tiny_config(optimizer={"max_steps": 50}), tmp_path, CPU, progress=False)
+    step_once = trainer.train_step
+
+    def step_then_signal(*args, **kwargs):
+        result = step_once(*args, **kwargs)
+        if trainer.step == 2:
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+            threading.Event().wait(0.2)
+        return result
+
+    trainer.train_step = step_then_signal
+    summary = trainer.fit()
+    assert summary["preempted"] and 2 <= summary["step"] < 50
+    assert Trainer(tiny_config(optimizer={"max_steps": 50}), tmp_path, CPU, progress=False).step == summary["step"]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(folder, 1, {"step": 1}, keep_latest=-1)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(folder, 2, {"step": 2}, keep_latest=1)
+    monkeypatch.undo()
+    assert [p.name for p in folder.iterdir()] == ["step_00000001.pt"]
+    assert checkpoint.load_latest(folder) == {"step": 1}
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    checkpoint.save_checkpoint(tmp_path, 1, {"step": 1}, keep_latest=-1)
+    (tmp_path / "step_00000002.pt").write_bytes(b"truncated")
+    assert checkpoint.load_latest(tmp_path) == {"step": 1}
+
+
+def test_unreadable_audio_is_skipped_and_counted(tmp_path):
+    from spidr_fast.data.synthetic import SyntheticCorpus
+
+    manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
+    (tmp_path / "corpus" / "wav" / "utt00002.wav").write_bytes(b"RIFF corrupt")
+    cfg = tiny_config(data={"manifest": str(manifest), "max_batch_length": 200_000},
+                      optimizer={"max_steps": 2}, validation={})  # fmt: skip
+    summary = Trainer(cfg, tmp_path / "run", CPU, progress=False).fit()
+    assert summary["step"] == 2 and summary["skipped_files"] >= 1
+
+
+# --- compile, schedules, metrics, environment ----------------------------------------------------------------------
+
+
+def test_compiled_training_does_not_recompile_after_warm_up(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data = {"max_sample_size": 64_000, "max_batch_length": 140_000, "num_buckets": 3}
+    trainer = Trainer(tiny_config(data=data), tmp_path, CPU, compile_backend="aot_eager",
+                      progress=False)  # fmt: skip
+    batches = _batches(trainer, 6)
+    assert len({tuple(b.waveforms.shape) for b in batches}) >= 3  # batch and time sizes vary
+    for batch in batches:
+        trainer.train_step([batch])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.official
+@pytest.mark.parametrize("scheduler", ["tristage", "cosine", "rsqrt", "constant"])
+def test_lr_schedules_equal_official(official, scheduler):
+    from spidr.config import OptimizerConfig as OfficialOptimizerConfig
+    from spidr.optimizer import build_scheduler
+
+    fields = dict(scheduler=scheduler, max_steps=100, warmup_steps=10, hold_steps=20, decay_steps=30,
+                  rsqrt_timescale=7, rsqrt_shift=3, lr=1.0)  # fmt: skip
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    official_scheduler = build_scheduler(optimizer, OfficialOptimizerConfig(**fields))
+    ours = config_module.OptimizerConfig(**fields)
+    for step in range(100):
+        assert lr_factor(step, ours) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        optimizer.step()
+        official_scheduler.step()
+
+
+def test_unit_quality_of_known_clusterings():
+    phones = [torch.arange(40).remainder(4).repeat_interleave(2).numpy()]
+    perfect = unit_quality(joint_counts(phones, [torch.arange(40).remainder(4).numpy()], 4, 8))
+    assert perfect["pnmi"] == pytest.approx(1.0) and perfect["phone_purity"] == perfect["cluster_purity"] == 1.0
+    assert perfect["unit_perplexity"] == pytest.approx(4.0) and perfect["active_units"] == 4
+    constant = unit_quality(joint_counts(phones, [torch.zeros(40, dtype=torch.long).numpy()], 4, 8))
+    assert constant["pnmi"] == pytest.approx(0.0) and constant["unit_perplexity"] == pytest.approx(1.0)
+    rng = torch.Generator().manual_seed(0)
+    random_phones = [torch.randint(0, 5, (20_000,), generator=rng).numpy()]
+    independent = unit_quality(joint_counts(random_phones, [torch.randint(0, 7, (10_000,), generator=rng).numpy()], 5, 7))
+    assert independent["pnmi"] < 0.01
+    with pytest.raises(ValueError, match="utterance 0: 80 phone frames but 20 unit frames"):
+        joint_counts(phones, [torch.zeros(10, dtype=torch.long).numpy()], 4, 8)
+
+
+def test_slurm_node_list_first_host():
+    assert _first_host("gpu[03-05,09],cpu1") == "gpu03"
+    assert _first_host("node7") == "node7"
