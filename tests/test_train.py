@@ -306,3 +306,16 @@ def test_unit_quality_of_known_clusterings():
 def test_slurm_node_list_first_host():
     assert _first_host("gpu[03-05,09],cpu1") == "gpu03"
     assert _first_host("node7") == "node7"
+
+
+def test_freeze_step_drops_the_extractor_from_the_optimizer(tmp_path):
+    trainer = Trainer(tiny_config(model={"freeze_step": 2}, validation={}), tmp_path, CPU, progress=False)
+    assert len(trainer.optimizer.param_groups) == 2
+    trainer.fit()
+    assert trainer.step == 4 and len(trainer.optimizer.param_groups) == 1
+    assert not any(p.requires_grad for p in trainer.model.feature_extractor.parameters())
+    resumed = Trainer(tiny_config(model={"freeze_step": 2}, optimizer={"max_steps": 5}, validation={}), tmp_path, CPU,
+                      progress=False)  # fmt: skip
+    assert len(resumed.optimizer.param_groups) == 1
+    resumed.fit()
+    assert resumed.step == 5

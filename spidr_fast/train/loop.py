@@ -225,10 +225,11 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_norm)
         totals["grad_norm"] = grad_norm.detach()
-        finite = bool(torch.isfinite(totals["loss_sum"]) & torch.isfinite(grad_norm))
-        if not finite and self.scaler.is_enabled():
-            finite = bool(torch.isfinite(totals["loss_sum"]))  # inf gradients: the scaler skips and backs off
-        if not finite:
+        # The step's one host sync. The norm is taken after DDP's all-reduce, so every rank decides alike: NaN
+        # (a non-finite loss anywhere makes NaN gradients everywhere) skips the step; inf under a GradScaler is
+        # an fp16 overflow, which the scaler skips and backs off from, as in the official loop.
+        norm = float(grad_norm)
+        if math.isnan(norm) or (math.isinf(norm) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             self.nonfinite_in_a_row += 1
@@ -255,7 +256,8 @@ class Trainer:
             for param in self.optimizer.param_groups[1]["params"]:
                 self.optimizer.state.pop(param, None)
             del self.optimizer.param_groups[1]
-            del self.scheduler.base_lrs[1]
+            for per_group in (self.scheduler.base_lrs, self.scheduler.lr_lambdas, self.scheduler._last_lr):
+                del per_group[1]
         self._wrap()
 
     # --- the run ---------------------------------------------------------------------------------------------------
