@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 OFFICIAL_VERSION = "0.2.0"
 OFFICIAL_CACHE = Path(os.environ.get("SPIDR_OFFICIAL_CACHE", Path.home() / ".cache" / "spidr_fast" / "official"))
 
@@ -67,3 +71,14 @@ def official():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_device():
+    """Force the Triton backend of every op for one test (compiled on a GPU, interpreted on CPU); the device."""
+    pytest.importorskip("triton")
+    from spidr_fast import ops
+
+    ops.set_backend("triton")
+    yield torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops.set_backend(None)

@@ -22,13 +22,17 @@ class Codebook(nn.Module):
 
 
 class Codebooks(nn.ModuleList):
-    """L codebooks of K codewords of dimension D, each the running sum `codebook` over running `counts`."""
+    """L codebooks of K codewords of dimension D, each the running sum `codebook` over running `counts`.
 
-    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, decay: float) -> None:
+    `metric`: "l2" (official: nearest centroid codebook / counts) or "cosine" (most similar centroid).
+    """
+
+    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, decay: float, metric: str = "l2") -> None:
         # Official initialisation: Gaussian codewords normalised per dimension across codewords, counts of one.
         init = [F.instance_norm(torch.randn(1, dim, codebook_size)).squeeze(0).t() for _ in range(num_codebooks)]
         super().__init__(Codebook(c.contiguous(), torch.ones(codebook_size)) for c in init)
         self.decay = decay
+        self.metric = metric
         self._tie()
         self.register_load_state_dict_post_hook(_retie_after_load)
 
@@ -47,7 +51,16 @@ class Codebooks(nn.ModuleList):
 
     def assign(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """targets (L, N, D) → labels (L, N), batch_counts (L, K), batch_sums (L, K, D)."""
-        return ops.codebook_assign(targets, self.stacked_codebook, self.stacked_counts)
+        return ops.codebook_assign(targets, self.stacked_codebook, self.stacked_counts, metric=self.metric)
+
+    def assign_layers(
+        self, layers: Tensor, frame_index: Tensor, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused: instance-normalise layers (L, B, T, D) over time (all T frames, or the first lengths[b]), keep the
+        frames at frame_index (N,), and assign them → labels (L, N), batch_counts (L, K), batch_sums (L, K, D)."""
+        return ops.instance_norm_assign(
+            layers, frame_index, self.stacked_codebook, self.stacked_counts, lengths=lengths, metric=self.metric
+        )
 
     def update_(self, batch_counts: Tensor, batch_sums: Tensor) -> None:
         """EMA update with statistics already summed over ranks."""

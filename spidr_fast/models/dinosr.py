@@ -200,8 +200,8 @@ class DinoSR(nn.Module):
 
         with torch.no_grad():
             teacher_layers = self.teacher.get_intermediate_outputs(feats, frame_mask)[-self.num_codebooks :]
-            targets = ops.instance_norm_select(torch.stack(teacher_layers), frame_index)
-            labels, batch_counts, batch_sums = self.codebooks.assign(targets)
+            # Official targets: statistics over all T frames, padding included (no lengths), fused with assignment.
+            labels, batch_counts, batch_sums = self.codebooks.assign_layers(torch.stack(teacher_layers), frame_index)
 
         weight = torch.stack([head[0].weight for head in self.heads])
         bias = torch.stack([head[0].bias for head in self.heads])

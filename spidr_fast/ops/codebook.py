@@ -7,6 +7,12 @@ All ops work on the L codebooks of a model at once. Shapes:
     labels         (L, N)     int64
     batch_counts   (L, K)     float32 rows assigned to each codeword in this batch
     batch_sums     (L, K, D)  float32 sum of the rows assigned to each codeword in this batch
+
+batch_counts and batch_sums are views of one flat float32 buffer, counts first (`codebook_statistics`), so that
+a distributed run sums both over ranks with a single all-reduce.
+
+Each op is a torch.library custom op (`torch.ops.spidr_fast.*`) whose implementation asks `_dispatch` which
+backend runs, so torch.compile traces it as one node whatever the backend.
 """
 
 from typing import Literal
@@ -24,12 +30,32 @@ METRICS = ("l2", "cosine")
 # --- teacher targets ---------------------------------------------------------------------------------------------
 
 
+def _instance_norm(layers: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(L, B, T, D) → float32, normalised per utterance and channel over time (the first lengths[b] frames)."""
+    num_layers, batch, frames, dim = layers.shape
+    x = layers.float()
+    if lengths is None:  # official formula: F.instance_norm over all T frames, padding included
+        return F.instance_norm(x.reshape(-1, frames, dim).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+    valid = (torch.arange(frames, device=layers.device) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
+    count = valid.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, x, 0).sum(2, keepdim=True) / count
+    var = torch.where(valid, (x - mean).square(), 0).sum(2, keepdim=True) / count
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
 @register("instance_norm_select", "reference")
 def _instance_norm_select_reference(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
-    batch, frames, dim = layers.shape[1:]
-    # Official formula: F.instance_norm over time of each utterance and channel, in float32.
-    normed = F.instance_norm(layers.float().reshape(-1, frames, dim).transpose(1, 2)).transpose(1, 2)
-    return normed.reshape(layers.shape[0], batch * frames, dim).index_select(1, frame_index)
+    return _instance_norm(layers, None).flatten(1, 2).index_select(1, frame_index)
+
+
+@torch.library.custom_op("spidr_fast::instance_norm_select", mutates_args=())
+def _instance_norm_select_op(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
+    return implementation("instance_norm_select", layers.device)(layers, frame_index)
+
+
+@_instance_norm_select_op.register_fake
+def _(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
+    return layers.new_empty((layers.shape[0], frame_index.shape[0], layers.shape[3]), dtype=torch.float32)
 
 
 def instance_norm_select(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
@@ -45,16 +71,28 @@ def instance_norm_select(layers: torch.Tensor, frame_index: torch.Tensor) -> tor
     check_tensor("layers", layers, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("frame_index", frame_index, ndim=1, dtypes=(torch.int64,))
     check_same_device(layers=layers, frame_index=frame_index)
-    return implementation("instance_norm_select", layers.device)(layers, frame_index)
+    return _instance_norm_select_op(layers, frame_index)
 
 
 # --- assignment ----------------------------------------------------------------------------------------------------
 
 
+def statistics_buffer(num_layers: int, num_codewords: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The flat float32 statistics buffer, zeroed: batch_counts (L·K) then batch_sums (L·K·D)."""
+    return torch.zeros(num_layers * num_codewords * (dim + 1), device=device)
+
+
+def codebook_statistics(flat: torch.Tensor, num_layers: int, num_codewords: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat statistics buffer (L·K·(D + 1),) as its views batch_counts (L, K) and batch_sums (L, K, D)."""
+    batch_counts, batch_sums = flat.split([num_layers * num_codewords, flat.shape[0] - num_layers * num_codewords])
+    return batch_counts.view(num_layers, num_codewords), batch_sums.view(num_layers, num_codewords, -1)
+
+
 @register("codebook_assign", "reference")
 def _codebook_assign_reference(
-    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: Metric
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: Metric, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    del deterministic  # scatter_add_ on CPU is deterministic; on CUDA torch.use_deterministic_algorithms decides
     num_layers, num_codewords, dim = codebook.shape
     with torch.autocast(x.device.type, enabled=False):
         rows = x.float()
@@ -70,11 +108,29 @@ def _codebook_assign_reference(
             else:
                 similarity = F.normalize(rows[layer], dim=-1) @ F.normalize(centroids[layer], dim=-1).t()
                 labels[layer] = similarity.argmax(1)
-        batch_counts = torch.zeros(num_layers, num_codewords, device=x.device)
+        flat = statistics_buffer(num_layers, num_codewords, dim, x.device)
+        batch_counts, batch_sums = codebook_statistics(flat, num_layers, num_codewords)
         batch_counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
-        batch_sums = torch.zeros(num_layers, num_codewords, dim, device=x.device)
         batch_sums.scatter_add_(1, labels.unsqueeze(-1).expand_as(rows), rows)
-    return labels, batch_counts, batch_sums
+    return labels, flat
+
+
+@torch.library.custom_op("spidr_fast::codebook_assign", mutates_args=())
+def _codebook_assign_op(
+    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("codebook_assign", x.device)(x, codebook, counts, metric, deterministic)
+
+
+def _fake_assign(num_rows: int, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num_layers, num_codewords, dim = codebook.shape
+    labels = codebook.new_empty((num_layers, num_rows), dtype=torch.int64)
+    return labels, codebook.new_empty(num_layers * num_codewords * (dim + 1))
+
+
+@_codebook_assign_op.register_fake
+def _(x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str, deterministic: bool):  # noqa: ANN202
+    return _fake_assign(x.shape[1], codebook)
 
 
 def _check_codebooks(codebook: torch.Tensor, counts: torch.Tensor) -> tuple[int, int, int]:
@@ -85,9 +141,21 @@ def _check_codebooks(codebook: torch.Tensor, counts: torch.Tensor) -> tuple[int,
     return num_layers, num_codewords, dim
 
 
+def _check_metric(metric: str, deterministic: bool | None) -> bool:
+    """Validates the metric; `deterministic=None` follows torch.use_deterministic_algorithms."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+
+
 @torch.no_grad()
 def codebook_assign(
-    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, *, metric: Metric = "l2"
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    metric: Metric = "l2",
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest codeword of every row of every layer, and the batch statistics that the EMA update needs.
 
@@ -96,11 +164,13 @@ def codebook_assign(
         codebook: (L, K, D) float32 running sums; counts: (L, K) float32 running counts.
         metric: "l2" (official: smallest Euclidean distance to centroid = codebook / counts) or "cosine"
             (largest cosine similarity to the centroid). Ties go to the lowest index.
+        deterministic: sum the statistics in a fixed order (the fused kernel's slower mode) instead of with atomic
+            adds; None follows `torch.are_deterministic_algorithms_enabled()`.
     Returns:
-        labels (L, N) int64, batch_counts (L, K) float32, batch_sums (L, K, D) float32.
+        labels (L, N) int64, batch_counts (L, K) float32, batch_sums (L, K, D) float32; the statistics are views
+        of one flat buffer (see `codebook_statistics`).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    deterministic = _check_metric(metric, deterministic)
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     num_layers, _, dim = _check_codebooks(codebook, counts)
     if x.shape[0] != num_layers or x.shape[2] != dim:
@@ -109,7 +179,83 @@ def codebook_assign(
             f"got {tuple(x.shape)}"
         )
     check_same_device(x=x, codebook=codebook, counts=counts)
-    return implementation("codebook_assign", x.device)(x, codebook, counts, metric)
+    labels, flat = _codebook_assign_op(x, codebook, counts, metric, deterministic)
+    return labels, *codebook_statistics(flat, num_layers, codebook.shape[1])
+
+
+@register("instance_norm_assign", "reference")
+def _instance_norm_assign_reference(
+    layers: torch.Tensor,
+    frame_index: torch.Tensor,
+    codebook: torch.Tensor,
+    counts: torch.Tensor,
+    lengths: torch.Tensor | None,
+    metric: Metric,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = _instance_norm(layers, lengths).flatten(1, 2).index_select(1, frame_index)
+    return _codebook_assign_reference(targets, codebook, counts, metric, deterministic)
+
+
+@torch.library.custom_op("spidr_fast::instance_norm_assign", mutates_args=())
+def _instance_norm_assign_op(
+    layers: torch.Tensor,
+    frame_index: torch.Tensor,
+    codebook: torch.Tensor,
+    counts: torch.Tensor,
+    lengths: torch.Tensor | None,
+    metric: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("instance_norm_assign", layers.device)(
+        layers, frame_index, codebook, counts, lengths, metric, deterministic
+    )
+
+
+@_instance_norm_assign_op.register_fake
+def _(layers, frame_index, codebook, counts, lengths, metric, deterministic):  # noqa: ANN001, ANN202
+    return _fake_assign(frame_index.shape[0], codebook)
+
+
+@torch.no_grad()
+def instance_norm_assign(
+    layers: torch.Tensor,
+    frame_index: torch.Tensor,
+    codebook: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lengths: torch.Tensor | None = None,
+    metric: Metric = "l2",
+    deterministic: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`codebook_assign(instance_norm_select(layers, frame_index), ...)` fused: the teacher targets are never
+    written out. The fused kernel reads the layers once for the statistics, then only the selected frames (once per
+    tile of codewords, mostly from L2) to normalise and assign them.
+
+    Args:
+        layers: (L, B, T, D) teacher layer outputs, float32, bfloat16 or float16.
+        frame_index: (N,) int64 indices into the B * T frames.
+        codebook, counts, metric, deterministic: as `codebook_assign`.
+        lengths: (B,) int64 valid frames per utterance: the statistics then run over the first lengths[b] frames
+            only. None (the official behaviour) uses all T frames, padding included.
+    Returns:
+        labels (L, N) int64, batch_counts (L, K) float32, batch_sums (L, K, D) float32, as `codebook_assign`.
+    """
+    deterministic = _check_metric(metric, deterministic)
+    check_tensor("layers", layers, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("frame_index", frame_index, ndim=1, dtypes=(torch.int64,))
+    num_layers, num_codewords, dim = _check_codebooks(codebook, counts)
+    if layers.shape[0] != num_layers or layers.shape[3] != dim:
+        raise ValueError(
+            f"layers must have shape (L, B, T, D) with L = {num_layers} and D = {dim} from codebook "
+            f"{tuple(codebook.shape)}, got {tuple(layers.shape)}"
+        )
+    if lengths is not None:
+        check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,))
+        check_shape("lengths", lengths, layers.shape[1:2], meaning="(B,)")
+    check_same_device(layers=layers, frame_index=frame_index, codebook=codebook, counts=counts, lengths=lengths)
+    labels, flat = _instance_norm_assign_op(layers, frame_index, codebook, counts, lengths, metric, deterministic)
+    return labels, *codebook_statistics(flat, num_layers, num_codewords)
 
 
 # --- EMA update ----------------------------------------------------------------------------------------------------
@@ -123,6 +269,18 @@ def _codebook_ema_update_reference(
     alpha = torch.where(batch_counts != 0, decay, 1.0)
     counts.copy_(alpha * counts + (1 - alpha) * batch_counts)
     codebook.copy_(alpha.unsqueeze(-1) * codebook + (1 - alpha).unsqueeze(-1) * batch_sums)
+
+
+@torch.library.custom_op("spidr_fast::codebook_ema_update_", mutates_args=("codebook", "counts"))
+def _codebook_ema_update_op(
+    codebook: torch.Tensor, counts: torch.Tensor, batch_counts: torch.Tensor, batch_sums: torch.Tensor, decay: float
+) -> None:
+    implementation("codebook_ema_update_", codebook.device)(codebook, counts, batch_counts, batch_sums, decay)
+
+
+@_codebook_ema_update_op.register_fake
+def _(codebook, counts, batch_counts, batch_sums, decay) -> None:  # noqa: ANN001
+    return None
 
 
 @torch.no_grad()
@@ -150,4 +308,4 @@ def codebook_ema_update_(
         raise ValueError(f"decay must be non-negative, got {decay}")
     if decay >= 1.0:
         return
-    implementation("codebook_ema_update_", codebook.device)(codebook, counts, batch_counts, batch_sums, decay)
+    _codebook_ema_update_op(codebook, counts, batch_counts, batch_sums, decay)

@@ -4,44 +4,135 @@ Shapes:
     x       (L, N, D)  the frames each head reads (an expanded view when all heads read the same frames)
     weight  (L, K, D)  head weights; bias (L, K) or None
     labels  (L, N)     int64 target codewords
+
+The forward and the backward are torch.library custom ops (`torch.ops.spidr_fast.heads_cross_entropy*`), joined
+by `register_autograd`; their implementations ask `_dispatch` which backend runs. Logits are
+scale · x Wᵀ + b: scale is 1 for linear heads, 1 / temperature for cosine heads (x and W normalised first).
 """
 
 import torch
+import torch.nn.functional as F
 
 from spidr_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from spidr_fast.ops._dispatch import implementation, register
 
 
-@register("heads_cross_entropy", "reference")
-def _heads_cross_entropy_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    num_layers, num_frames = labels.shape
+def _reference_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     if bias is None:
         logits = torch.bmm(x, weight.transpose(1, 2))
-    else:  # the bias inside the matmul, as nn.Linear does
-        logits = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return logits if scale == 1.0 else logits * scale
+    # The bias inside the matmul, as nn.Linear does.
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2), alpha=scale)
+
+
+@register("heads_cross_entropy", "reference")
+def _heads_cross_entropy_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_layers, num_frames = labels.shape
+    logits = _reference_logits(x, weight, bias, scale).float()
+    lse = torch.logsumexp(logits, dim=-1)
     # Sum over layers, then divide, in the order of the official loss.
-    loss = -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(0) / num_layers
-    with torch.no_grad():
-        mean_probs = log_probs.exp().sum(1) / max(num_frames, 1)
-    return loss, mean_probs
+    loss = (lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum(0) / num_layers
+    mean_probs = torch.exp(logits - lse.unsqueeze(-1)).sum(1) / max(num_frames, 1)
+    return loss, mean_probs, lse
+
+
+@register("heads_cross_entropy_backward", "reference")
+def _heads_cross_entropy_backward_reference(
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_layers, num_codewords = weight.shape[:2]
+    probs = torch.exp(_reference_logits(x, weight, bias, scale).float() - lse.unsqueeze(-1))
+    grad = (probs - F.one_hot(labels, num_codewords)) * (grad_loss.float() / num_layers).unsqueeze(-1)
+    # As autograd does: the logits' gradient in the input dtype feeds the two matmuls.
+    grad_logits = (grad * scale).to(x.dtype)
+    return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), grad.sum(1)
+
+
+@torch.library.custom_op("spidr_fast::heads_cross_entropy", mutates_args=())
+def _heads_cross_entropy_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return implementation("heads_cross_entropy", x.device)(x, weight, bias, labels, scale)
+
+
+@_heads_cross_entropy_op.register_fake
+def _(x, weight, bias, labels, scale):  # noqa: ANN001, ANN202
+    num_layers, num_codewords = weight.shape[:2]
+    lse = x.new_empty(labels.shape, dtype=torch.float32)
+    return x.new_empty(labels.shape[1], dtype=torch.float32), x.new_empty((num_layers, num_codewords),
+                                                                          dtype=torch.float32), lse  # fmt: skip
+
+
+@torch.library.custom_op("spidr_fast::heads_cross_entropy_backward", mutates_args=())
+def _heads_cross_entropy_backward_op(
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return implementation("heads_cross_entropy_backward", x.device)(grad_loss, x, weight, bias, labels, lse, scale)
+
+
+@_heads_cross_entropy_backward_op.register_fake
+def _(grad_loss, x, weight, bias, labels, lse, scale):  # noqa: ANN001, ANN202
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(
+        weight.shape[:2], dtype=torch.float32)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, labels, scale = inputs
+    ctx.save_for_backward(x, weight, bias, labels, output[2])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_mean_probs, _grad_lse):  # noqa: ANN001, ANN202
+    x, weight, bias, labels, lse = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _heads_cross_entropy_backward_op(grad_loss, x, weight, bias, labels, lse,
+                                                                      ctx.scale)  # fmt: skip
+    return grad_x, grad_weight, None if bias is None else grad_bias.to(bias.dtype), None, None
+
+
+_heads_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def heads_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    cosine_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over heads of the cross-entropy of softmax(x_l W_lᵀ + b_l) against labels_l.
 
     Args:
-        x: (L, N, D); weight: (L, K, D); bias: (L, K) or None; labels: (L, N) int64 in [0, K).
+        x: (L, N, D); weight: (L, K, D) in x's dtype (under autocast, all are cast to its dtype);
+        bias: (L, K) or None; labels: (L, N) int64 in [0, K).
+        cosine_temperature: None for linear heads; else HuBERT's cosine logits,
+            cosine(x_l, W_l,k) / cosine_temperature (+ b_l,k when a bias is given).
     Returns:
         loss (N,) float32, differentiable in x, weight and bias;
         mean_probs (L, K) float32, the softmax averaged over the N frames (zeros when N = 0), without gradient.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=3, dtypes=FLOAT_DTYPES)
+    if torch.is_autocast_enabled(x.device.type):  # a custom op is opaque to autocast: cast as it would for a matmul
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     check_tensor("labels", labels, ndim=2, dtypes=(torch.int64,))
     num_layers, num_codewords, dim = weight.shape
     check_shape("x", x, (num_layers, x.shape[1], dim), meaning="(L, N, D)")
@@ -50,4 +141,10 @@ def heads_cross_entropy(
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
         check_shape("bias", bias, (num_layers, num_codewords), meaning="(L, K)")
     check_same_device(x=x, weight=weight, bias=bias, labels=labels)
-    return implementation("heads_cross_entropy", x.device)(x, weight, bias, labels)
+    scale = 1.0
+    if cosine_temperature is not None:
+        if not cosine_temperature > 0:
+            raise ValueError(f"cosine_temperature must be positive, got {cosine_temperature}")
+        x, weight, scale = F.normalize(x, dim=-1), F.normalize(weight, dim=-1), 1.0 / cosine_temperature
+    loss, mean_probs, _ = _heads_cross_entropy_op(x, weight, bias, labels, scale)
+    return loss, mean_probs

@@ -1,0 +1,176 @@
+"""Triton: cross-entropy of L prediction heads, logits = scale · x Wᵀ + b, tile by tile.
+
+Forward (one launch, every layer): per block of rows, the logits tile by tile over the K codewords with an online
+log-sum-exp, then a second sweep that sums the probabilities over the block's rows. It writes the per-row
+negative log-likelihood and log-sum-exp (L, N) and per-block probability sums (row blocks, L, K), never the
+logits. Backward: a kernel recomputes each logits tile from x, W and the saved log-sum-exp and writes the
+gradient of the logits in the input dtype (what autograd feeds its matmuls too) with the bias gradient per row
+block; dx = G W and dW = Gᵀ x are then two batched matmuls, which accumulate in fp32 from bf16/fp16.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spidr_fast.ops._dispatch import register
+
+
+@triton.jit
+def _logits_tile(
+    x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
+    stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_N, BLOCK_K) float32 logits, -inf past the last codeword."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < dim
+        # int64 only in the per-layer scalar base: int32 tile offsets keep the pointer tiles' registers down.
+        x = tl.load(x_ptr + layer * stride_xl + (rows[:, None] * stride_xn + d[None, :] * stride_xd),
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + layer * stride_wl + (k[:, None] * stride_wk + d[None, :] * stride_wd),
+                    mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        if DOT_UPCAST:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    logits = acc * scale
+    if HAS_BIAS:
+        logits += tl.load(b_ptr + layer * stride_bl + k * stride_bk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(k_mask[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, b_ptr, labels_ptr, nll_ptr, lse_ptr, prob_sums_ptr, num_rows, num_codewords, dim, scale,
+    stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_rows
+    labels = tl.load(labels_ptr + layer * num_rows + rows, mask=row_mask, other=0)
+    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_N], tl.float32)
+    target = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, num_codewords, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k < num_codewords, dim, scale,
+                              stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+        target += tl.sum(tl.where(k[None, :] == labels[:, None], logits, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + layer * num_rows + rows, lse, mask=row_mask)
+    tl.store(nll_ptr + layer * num_rows + rows, lse - target, mask=row_mask)
+    # mean_probs needs the final log-sum-exp of each row: a second sweep recomputes the tiles.
+    for k0 in range(0, num_codewords, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < num_codewords
+        logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
+                              stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+        probs = tl.where(row_mask[:, None], tl.exp(logits - lse[:, None]), 0.0)
+        out = (pid_n * tl.num_programs(1) + layer) * num_codewords + k
+        tl.store(prob_sums_ptr + out, tl.sum(probs, axis=0), mask=k_mask)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, bias_grad_ptr,
+    num_rows, num_codewords, dim, scale, inv_layers,
+    stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_rows
+    labels = tl.load(labels_ptr + layer * num_rows + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + layer * num_rows + rows, mask=row_mask, other=0.0)
+    # loss = Σ_l nll_l / L, so each layer's nll receives grad_loss / L.
+    grad_rows = tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) * inv_layers
+    layer_grad_logits = grad_logits_ptr + layer * num_rows * num_codewords
+    for k0 in range(0, num_codewords, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < num_codewords
+        logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
+                              stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+        onehot = (k[None, :] == labels[:, None]).to(tl.float32)
+        grad = tl.where(row_mask[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
+        out = layer_grad_logits + (rows[:, None] * num_codewords + k[None, :])  # int32 tile offsets, as in loads
+        tl.store(out, (grad * scale).to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
+        tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
+
+
+def heads_config(num_codewords: int, dim: int, dtype: torch.dtype) -> dict:
+    return dict(
+        # PyTorch's fp32 matmul is true fp32 (no TF32 unless asked); 16-bit inputs ignore this and use tensor cores.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        # Triton's CPU interpreter multiplies bf16 tiles as their uint16 storage. Products of bf16 values are exact
+        # in fp32, so upcasting there computes what the tensor cores do (fp32 accumulation).
+        DOT_UPCAST=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_N=64,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(num_codewords))),
+        # 8 warps and 32 channels at a time (16 in fp32, whose dot operands take twice the registers): no spills on
+        # sm_80/sm_90 at the SpidR shapes, with a margin below 255 registers (see kernel_report).
+        BLOCK_D=min(16 if dtype == torch.float32 else 32, max(16, triton.next_power_of_2(dim))),
+        num_warps=8,
+    )
+
+
+def _common(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict, tuple]:
+    num_layers, num_rows, dim = x.shape
+    config = heads_config(weight.shape[1], dim, x.dtype)
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    strides = (*x.stride(), *weight.stride(), *bias_strides)
+    return strides, dict(HAS_BIAS=bias is not None, **config), (triton.cdiv(num_rows, config["BLOCK_N"]), num_layers)
+
+
+@register("heads_cross_entropy", "triton")
+def heads_cross_entropy_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_layers, num_rows, dim = x.shape
+    num_codewords = weight.shape[1]
+    nll = torch.empty(num_layers, num_rows, dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(nll)
+    strides, meta, grid = _common(x, weight, bias)  # without a bias, weight stands in for its unread pointer
+    prob_sums = torch.zeros(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
+    if num_rows:
+        _forward_kernel[grid](
+            x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums,
+            num_rows, num_codewords, dim, scale, *strides, **meta,
+        )  # fmt: skip
+    # Sum over layers, then divide, in the order of the official loss; block sums in a fixed order.
+    return nll.sum(0) / num_layers, prob_sums.sum(0) / max(num_rows, 1), lse
+
+
+@register("heads_cross_entropy_backward", "triton")
+def heads_cross_entropy_backward_triton(
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_layers, num_rows, dim = x.shape
+    num_codewords = weight.shape[1]
+    strides, meta, grid = _common(x, weight, bias)
+    grad_logits = torch.empty(num_layers, num_rows, num_codewords, dtype=x.dtype, device=x.device)
+    bias_grad = torch.zeros(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
+    if num_rows:
+        _grad_logits_kernel[grid](
+            x, weight, bias if bias is not None else weight, labels.contiguous(), lse, grad_loss.contiguous(),
+            grad_logits, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, *strides, **meta,
+        )  # fmt: skip
+    return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), bias_grad.sum(0)

@@ -1,0 +1,140 @@
+"""Triton codebook assignment (plain and fused with the instance norm) against float64, on fresh random inputs.
+
+A covering set rather than the product: every N, K, D, L and dtype of the issue appears, and both metrics and both
+ways of summing the statistics (atomic, deterministic) across the cases."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ops_codebook import random_codebooks
+
+from spidr_fast import ops
+
+NEAR_TIE = 1e-4  # labels may differ from float64 only where the two best distances are this close (relative)
+
+
+def distances64(rows: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str) -> torch.Tensor:
+    """(L, N, K) float64 distances: squared Euclidean, or 1 - cosine similarity."""
+    centroids = codebook.double() / counts.double().unsqueeze(-1)
+    if metric == "l2":
+        return torch.cdist(rows, centroids).square()
+    return 1 - F.normalize(rows, dim=-1) @ F.normalize(centroids, dim=-1).transpose(1, 2)
+
+
+def check_assignment(result, rows64, rows32, codebook, counts, metric):
+    """Labels against the float64 argmin (near-ties excepted), counts exact, sums as close to float64 as PyTorch's
+    float32 sums of its own float32 rows (rows32) with the same labels."""
+    labels, batch_counts, batch_sums = result
+    num_layers, num_codewords = counts.shape
+    assert labels.shape == rows64.shape[:2] and labels.dtype == torch.int64
+    if rows64.shape[1]:
+        distances = distances64(rows64, codebook, counts, metric)
+        two_best = distances.topk(min(2, num_codewords), dim=-1, largest=False).values
+        best, second = two_best[..., 0], two_best[..., -1]
+        chosen = distances.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        differs = labels != distances.argmin(-1)
+        assert torch.all(~differs | (second - best <= NEAR_TIE * best.abs())), "label differs away from a near-tie"
+        assert torch.all(chosen - best <= NEAR_TIE * best.abs())
+    onehot = F.one_hot(labels, num_codewords).double()
+    assert torch.equal(batch_counts, onehot.sum(1).float())
+    expected = onehot.transpose(1, 2) @ rows64
+    torch_sums = torch.zeros(num_layers, num_codewords, rows64.shape[-1]).scatter_add_(
+        1, labels.unsqueeze(-1).expand(rows64.shape), rows32)
+    bar = (torch_sums.double() - expected).abs().max().item() if labels.numel() else 0.0
+    assert batch_sums.dtype == torch.float32
+    assert (batch_sums.double() - expected).abs().max().item() <= 2 * bar + 1e-6
+
+
+CASES = [  # (L, N, K, D, dtype)
+    (1, 0, 17, 64, torch.float32),
+    (8, 1, 17, 80, torch.bfloat16),
+    (8, 37, 256, 64, torch.float16),
+    (1, 37, 1024, 768, torch.bfloat16),
+    (1, 4099, 17, 80, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("metric", "deterministic"), [("l2", False), ("cosine", True)])
+@pytest.mark.parametrize(("num_layers", "num_rows", "num_codewords", "dim", "dtype"), CASES)
+def test_codebook_assign_kernel(triton_device, metric, deterministic, num_layers, num_rows, num_codewords, dim, dtype):
+    codebook, counts = random_codebooks(num_layers, num_codewords, dim)
+    x = torch.randn(num_layers, num_rows, dim).to(dtype)
+    on = lambda t: t.to(triton_device)  # noqa: E731
+    result = ops.codebook_assign(on(x), on(codebook), on(counts), metric=metric, deterministic=deterministic)
+    check_assignment([t.cpu() for t in result], x.double(), x.float(), codebook, counts, metric)
+
+
+def instance_norm(layers: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per utterance and channel over the valid frames, computed in dtype."""
+    x = layers.to(dtype)
+    frames = torch.arange(x.shape[2])
+    valid = (frames < (x.shape[2] if lengths is None else lengths[:, None])).expand(x.shape[1:3]).unsqueeze(-1)
+    count = valid.sum(1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, x, 0).sum(2, keepdim=True) / count
+    var = torch.where(valid, (x - mean).square(), 0).sum(2, keepdim=True) / count
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+FUSED_CASES = [  # (L, B, T, D, N, K, dtype); lengths ragged per utterance
+    (1, 2, 5, 64, 0, 17, torch.float32),
+    (8, 3, 50, 64, 37, 256, torch.bfloat16),
+    (8, 2, 20, 768, 1, 17, torch.float16),
+    (1, 9, 1000, 80, 4099, 17, torch.float32),
+]
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize(("num_layers", "batch", "frames", "dim", "num_rows", "num_codewords", "dtype"), FUSED_CASES)
+def test_instance_norm_assign_kernel(triton_device, ragged, num_layers, batch, frames, dim, num_rows, num_codewords,
+                                     dtype):  # fmt: skip
+    codebook, counts = random_codebooks(num_layers, num_codewords, dim)
+    layers = (torch.randn(num_layers, batch, frames, dim) * 3 + 2).to(dtype)
+    lengths = torch.randint(frames // 2 + 1, frames + 1, (batch,)) if ragged else None
+    valid = torch.ones(batch, frames, dtype=torch.bool)
+    if ragged:  # padding far off the frames' scale: the statistics must not see it
+        valid = torch.arange(frames) < lengths[:, None]
+        layers = layers.where(valid[:, :, None], layers.new_tensor(1e4))
+    frame_index = valid.flatten().nonzero().squeeze(1)[torch.randperm(int(valid.sum()))[:num_rows]]
+    metric = "cosine" if num_codewords == 256 else "l2"
+    on = lambda t: None if t is None else t.to(triton_device)  # noqa: E731
+    result = ops.instance_norm_assign(on(layers), on(frame_index), on(codebook), on(counts), lengths=on(lengths),
+                                      metric=metric, deterministic=ragged)  # fmt: skip
+    rows64, rows32 = (instance_norm(layers, lengths, dtype).flatten(1, 2)[:, frame_index]
+                      for dtype in (torch.float64, torch.float32))  # fmt: skip
+    check_assignment([t.cpu() for t in result], rows64, rows32, codebook, counts, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_go_to_the_lowest_index_and_an_unused_codeword_stays_empty(triton_device, metric):
+    codebook, counts = random_codebooks(8, 17, 64)
+    codebook[:, 7], counts[:, 7] = codebook[:, 2], counts[:, 2]  # codeword 7 duplicates codeword 2
+    codebook[:, 5] = -1e3 * counts[:, 5:6]  # far from, and opposite to, every row: never assigned
+    on_two = (codebook[:, [2, 7, 2]] / counts[:, [2, 7, 2]].unsqueeze(-1))
+    x = torch.cat([on_two.abs(), torch.randn(8, 40, 64).abs()], dim=1)
+    codebook[:, [2, 7]] = codebook[:, [2, 7]].abs()  # the rows on codeword 2 stay exactly on it
+    for deterministic in (False, True):
+        labels, batch_counts, batch_sums = ops.codebook_assign(
+            x.to(triton_device), codebook.to(triton_device), counts.to(triton_device), metric=metric,
+            deterministic=deterministic,
+        )  # fmt: skip
+        assert torch.all(labels[:, :3] == 2) and torch.all(labels != 7)
+        assert torch.all(batch_counts[:, 5] == 0) and torch.all(batch_sums[:, 5] == 0)
+
+
+def test_deterministic_statistics_repeat_bit_for_bit(triton_device):
+    codebook, counts = random_codebooks(2, 17, 80)
+    x = torch.randn(2, 300, 80, device=triton_device)
+    codebook, counts = codebook.to(triton_device), counts.to(triton_device)
+    first = ops.codebook_assign(x, codebook, counts, deterministic=True)
+    second = ops.codebook_assign(x, codebook, counts, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    fast = ops.codebook_assign(x, codebook, counts, deterministic=False)
+    assert torch.equal(fast[0], first[0]) and torch.equal(fast[1], first[1])
+    torch.testing.assert_close(fast[2], first[2])
+
+
+def test_statistics_are_views_of_one_flat_buffer(triton_device):
+    codebook, counts = (t.to(triton_device) for t in random_codebooks(2, 17, 64))
+    _, batch_counts, batch_sums = ops.codebook_assign(torch.randn(2, 9, 64, device=triton_device), codebook, counts)
+    assert batch_counts.untyped_storage().data_ptr() == batch_sums.untyped_storage().data_ptr()
+    assert batch_sums.storage_offset() == batch_counts.numel()

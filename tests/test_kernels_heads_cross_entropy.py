@@ -1,0 +1,69 @@
+"""Triton heads' cross-entropy against autograd through a float64 formula: loss, mean_probs, dx, dW, db.
+
+A covering set rather than the product: every N, K, D, L and dtype of the issue appears, with and without bias,
+linear and cosine logits. Tolerances are the reference's own (tests/test_ops_heads.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ops_heads import TOLERANCES, direct
+
+from spidr_fast import ops
+
+CASES = [  # (L, N, K, D, dtype, bias, cosine_temperature)
+    (1, 0, 17, 64, torch.float32, True, None),
+    (8, 1, 17, 80, torch.bfloat16, False, None),
+    (8, 37, 256, 64, torch.float16, True, None),
+    (1, 37, 1024, 768, torch.bfloat16, True, 0.1),
+    (1, 4099, 256, 80, torch.float32, True, None),
+    (8, 37, 1024, 80, torch.float32, False, 0.1),
+]
+
+
+@pytest.mark.parametrize(("num_layers", "num_rows", "num_codewords", "dim", "dtype", "with_bias", "temperature"), CASES)
+def test_heads_cross_entropy_kernel(triton_device, num_layers, num_rows, num_codewords, dim, dtype, with_bias,
+                                    temperature):  # fmt: skip
+    x = torch.randn(num_layers, num_rows, dim, dtype=torch.float64)
+    weight = torch.randn(num_layers, num_codewords, dim, dtype=torch.float64) / dim**0.5
+    bias = torch.randn(num_layers, num_codewords, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, num_codewords, (num_layers, num_rows))
+    inputs = [t.to(triton_device, dtype).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    exact = [t.to(dtype).double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+
+    loss, mean_probs = ops.heads_cross_entropy(*inputs, labels.to(triton_device), cosine_temperature=temperature)
+    exact_x, exact_weight, exact_bias = exact
+    if temperature is not None:
+        exact_x, exact_weight = F.normalize(exact_x, dim=-1) / temperature, F.normalize(exact_weight, dim=-1)
+    expected_loss, expected_probs = direct(exact_x, exact_weight, exact_bias, labels)
+
+    tol = TOLERANCES[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == (num_rows,) and not mean_probs.requires_grad
+    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=tol, atol=tol)
+    if num_rows:
+        torch.testing.assert_close(mean_probs.double().cpu(), expected_probs, rtol=tol, atol=tol)
+    else:
+        assert torch.all(mean_probs == 0)
+
+    grad_out = torch.randn(num_rows, dtype=torch.float64)
+    loss.backward(grad_out.float().to(triton_device))
+    expected_loss.backward(grad_out)
+    for got, want in zip(inputs, exact, strict=True):
+        if got is not None:
+            assert got.grad.dtype == dtype
+            torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=tol, atol=tol)
+
+
+def test_expanded_input_and_autocast(triton_device):
+    """DinoSR's heads read one stride-0 x; under autocast the op runs in the autocast dtype."""
+    x = torch.randn(1, 53, 64, device=triton_device).expand(4, 53, 64)
+    weight, bias = torch.randn(4, 17, 64, device=triton_device) / 8, torch.randn(4, 17, device=triton_device)
+    labels = torch.randint(0, 17, (4, 53), device=triton_device)
+    for a, b in zip(ops.heads_cross_entropy(x, weight, bias, labels),
+                    ops.heads_cross_entropy(x.contiguous(), weight, bias, labels), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autocast(triton_device.type, dtype=torch.bfloat16):
+        loss, _ = ops.heads_cross_entropy(x, weight.requires_grad_(), bias, labels)
+    loss.sum().backward()
+    assert weight.grad.dtype == torch.float32
+    expected, _ = ops.heads_cross_entropy(x, weight, bias, labels)
+    torch.testing.assert_close(loss, expected, rtol=TOLERANCES[torch.bfloat16], atol=TOLERANCES[torch.bfloat16])
