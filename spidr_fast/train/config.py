@@ -181,8 +181,10 @@ def parse_override(assignment: str) -> dict[str, Any]:
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "run": {"model_type": "spidr", "log_interval": 10, "save_interval": 100, "keep_latest": 2, "compile": False,
             "validate_interval": 100},
-    "data": {"max_sample_size": 48_000, "max_batch_length": 240_000, "num_buckets": 4, "num_workers": 2,
-             "min_sample_size": 16_000},
+    # Every clip (2 to 4 s) cropped to 2 s and full batches only: one shape, so --compile compiles once (CPU
+    # inductor specialises convolution lengths, so varying crops would recompile there).
+    "data": {"max_sample_size": 32_000, "max_batch_length": 224_000, "num_buckets": 4, "num_workers": 2,
+             "min_sample_size": 32_000, "drop_last": True},
     "model": {"extractor_conv_layer_config": [[128, 10, 5], [128, 3, 2], [128, 3, 2], [128, 3, 2], [128, 3, 2],
                                               [128, 2, 2], [128, 2, 2]],  # 20 ms frames, as the official
               "encoder_embed_dim": 192, "encoder_num_heads": 4, "encoder_num_layers": 6,
