@@ -99,6 +99,7 @@ class Trainer:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.compile_backend, self.profile, self.progress = compile_backend, profile, progress
+        self._compiled = False
         self.device = ctx.device
         self.dtype = DTYPES[cfg.optimizer.dtype]
         torch.manual_seed(cfg.run.random_seed)
@@ -131,14 +132,23 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------------------------------
 
     def _wrap(self) -> None:
-        """DDP (every trainable parameter takes a gradient, so no find_unused_parameters; codebooks are kept
-        equal by their own all-reduce, so no buffer broadcast), then torch.compile."""
-        net: torch.nn.Module = self.model
+        """torch.compile, then DDP (every trainable parameter takes a gradient, so no find_unused_parameters;
+        codebooks are kept equal by their own all-reduce, so no buffer broadcast).
+
+        Compiled: the student and the teacher transformers, almost all of the FLOPs, with dynamic batch and time
+        sizes from the first call, so cropped batches of every length share one graph each and nothing
+        recompiles after warm-up. The convolutional extractor stays eager: inductor (torch 2.13) fails on the
+        symbolic lengths of strided convolutions (ValueRangeError), and the alternative, padding batches to
+        fixed length buckets, would spend compute on padding and change the official crop.
+        """
+        if self.compile_backend and not self._compiled:
+            for encoder in (self.model.student, self.model.teacher):  # `_run_layers` serves every entry point
+                encoder._run_layers = torch.compile(encoder._run_layers, backend=self.compile_backend, dynamic=True)
+            self._compiled = True
+        self.net: torch.nn.Module = self.model
         if self.ctx.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
-        self.ddp = net
-        self.net = torch.compile(net, backend=self.compile_backend) if self.compile_backend else net
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -195,14 +205,8 @@ class Trainer:
         totals: dict[str, Tensor] = {}
         for i, cpu_batch in enumerate(batches):
             batch = cpu_batch.to(self.device)
-            if self.compile_backend:
-                # Batch and time vary from batch to batch: compile for dynamic sizes from the first batch on,
-                # rather than once static and again dynamic.
-                for tensor in (batch.waveforms, batch.mask_indices):
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.net.no_sync()
             with sync:
                 with _nvtx("forward"), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
                     loss, out = self.net(batch.waveforms, mask_indices=batch.mask_indices,
