@@ -339,3 +339,16 @@ def test_deferred_codebook_updates_over_micro_batches_equal_one_batch():
     split.update_codebooks(sum(s["codebook_counts"] for s in stats), sum(s["codebook_sums"] for s in stats))
     torch.testing.assert_close(split.codebooks.stacked_codebook, whole.codebooks.stacked_codebook)
     torch.testing.assert_close(split.codebooks.stacked_counts, whole.codebooks.stacked_counts)
+
+
+def test_get_targets_are_the_nearest_codewords_of_the_normalised_teacher_layers():
+    model = tiny("spidr").eval()
+    waveforms = torch.randn(2, NUM_SAMPLES)
+    targets = model.get_targets(waveforms)
+    feats = model.feature_projection(model.feature_extractor(waveforms))
+    teacher = model.teacher.get_intermediate_outputs(feats)[-model.num_codebooks :]
+    assert targets.shape == (model.num_codebooks, 2, feats.shape[1])
+    for i, t in enumerate(teacher):
+        t = (t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, unbiased=False, keepdim=True) + 1e-5)
+        centroids = model.codebooks[i].codebook / model.codebooks[i].counts.unsqueeze(1)
+        assert torch.equal(targets[i], torch.cdist(t, centroids.expand(2, -1, -1)).argmin(-1))

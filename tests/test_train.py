@@ -59,7 +59,7 @@ def test_cli_trains_on_the_synthetic_corpus_and_exports_for_the_official_package
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["target_ppl"] >= 1 for r in records if r["split"] == "train")
     validation = [r for r in records if r["split"] == "valid/synthetic"][-1]
-    assert 0 <= validation["units/layer_3/pnmi"] <= 1
+    assert 0 <= validation["units/heads/layer_3/pnmi"] <= 1 and 0 <= validation["units/codebooks/layer_3/pnmi"] <= 1
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [
         "step_00000002.pt", "step_00000004.pt"]  # fmt: skip
     loaded = official.build_model(model_type="spidr", checkpoint=tmp_path / "run" / "export" / "model.pt")

@@ -166,6 +166,17 @@ class DinoSR(nn.Module):
             units.append(nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]) if onehot else probs)
         return units
 
+    @torch.no_grad()
+    def get_targets(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+        """The codewords that the EMA codebooks assign to the teacher's last layers at every frame: the training
+        targets, (L, B, T) int64."""
+        feats = self._features(waveforms)
+        batch, frames, _ = feats.shape
+        teacher_layers = self.teacher.get_intermediate_outputs(feats, _frame_mask(attention_mask, batch, frames))
+        every_frame = torch.arange(batch * frames, device=feats.device)
+        labels, _, _ = self.codebooks.assign_layers(torch.stack(teacher_layers[-self.num_codebooks :]), every_frame)
+        return labels.view(-1, batch, frames)
+
     # --- objective -------------------------------------------------------------------------------------------------
 
     def _student_predictions(self, x: Tensor, frame_mask: Tensor | None, frame_index: Tensor) -> Tensor:

@@ -95,9 +95,11 @@ def print_summary(summary: dict[str, Any], export: Path | None) -> None:
         lines.append(f"unreadable audio files skipped: {summary['skipped_files']}")
     for name, result in (summary.get("validation") or {}).items():
         line = f"validation [{name}]: loss {result['loss']:.4f}"
-        if "pnmi" in result:
-            line += (f", PNMI {result['pnmi']:.3f} and unit perplexity {result['unit_perplexity']:.1f} "
-                     f"({result['best_layer']}, best head)")  # fmt: skip
+        for kind, what in (("heads", "student's head units"), ("codebooks", "teacher's codebook units")):
+            if kind in result:
+                best = result[kind]
+                line += (f"\n  {what}: PNMI {best['pnmi']:.3f}, unit perplexity {best['unit_perplexity']:.1f} "
+                         f"(best: {best['best_layer']})")  # fmt: skip
         lines.append(line)
     lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")
     print("\n".join(lines))

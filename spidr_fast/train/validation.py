@@ -57,19 +57,23 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
     labels = frame_labels(source, cfg)
     if labels is not None:
         phones, num_phones = labels
-        per_layer: dict[int, list[np.ndarray]] = {}
+        units: dict[str, list[np.ndarray]] = {}  # "heads/layer_i" and "codebooks/layer_i" → units per file
+        first_head = len(model.student.layers) - model.num_codebooks
         for i in range(len(source)):
             waveform = torch.from_numpy(np.ascontiguousarray(source.load(i))).to(device)
             if cfg.normalize:
                 waveform = F.layer_norm(waveform, waveform.shape)
             with autocast:
-                probs = model.get_codebooks(waveform.unsqueeze(0))
-            for layer, p in enumerate(probs):
-                if p is not None:
-                    per_layer.setdefault(layer, []).append(p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy())
-        quality = {f"layer_{layer}": unit_quality(joint_counts(phones, units, num_phones, model.cfg.codebook_size))
-                   for layer, units in per_layer.items()}  # fmt: skip
-        best = max(quality, key=lambda k: quality[k]["pnmi"])
-        results |= {"units": quality, "best_layer": best, "pnmi": quality[best]["pnmi"],
-                    "unit_perplexity": quality[best]["unit_perplexity"]}  # fmt: skip
+                probs = model.get_codebooks(waveform.unsqueeze(0))[first_head:]
+                targets = model.get_targets(waveform.unsqueeze(0))
+            for j, (p, t) in enumerate(zip(probs, targets, strict=True)):
+                units.setdefault(f"heads/layer_{first_head + j}", []).append(p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy())
+                units.setdefault(f"codebooks/layer_{first_head + j}", []).append(t[0].cpu().numpy())
+        quality = {name: unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size))
+                   for name, u in units.items()}  # fmt: skip
+        results["units"] = quality
+        for kind in ("heads", "codebooks"):  # the student's predicted units, and the teacher's target units
+            best = max((k for k in quality if k.startswith(kind)), key=lambda k: quality[k]["pnmi"])
+            results[kind] = {"best_layer": best.split("/")[1], "pnmi": quality[best]["pnmi"],
+                             "unit_perplexity": quality[best]["unit_perplexity"]}  # fmt: skip
     return results
