@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or cfg.run.dir
+    run_dir = (args.run_dir or cfg.run.dir).resolve()
     ctx = distributed.setup(args.device)
     try:
         if ctx.is_main:
