@@ -71,6 +71,10 @@ def test_cli_names_a_bad_config_field(tmp_path, capsys):
     assert "unknown field optimizer.learning_rate" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--set", "optimizer.scheduler='linear'"]) == 2
     assert "optimizer.scheduler must be one of" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--set", "optimizer.lr=abc"]) == 2
+    assert "optimizer.lr must be float, got 'abc'" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--set", "model.encoder_num_layers=true"]) == 2
+    assert "model.encoder_num_layers must be int, got True" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--manifest", str(tmp_path / "missing.tsv")]) == 2
     assert "manifest not found" in capsys.readouterr().err
 

@@ -103,6 +103,12 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+def _has_type(value: object, expected: type) -> bool:
+    if isinstance(value, bool) and expected is not bool:  # bool is an int subclass, but not a number here
+        return False
+    return isinstance(value, expected) or (expected is float and isinstance(value, int))
+
+
 def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"[{section}] must be a table of fields, got {values!r}")
@@ -110,6 +116,9 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown field {section}.{unknown[0]} (known fields of [{section}]: {', '.join(sorted(known))})")
+    for f in fields(cls):
+        if f.name in values and f.type in (int, float, bool, str) and not _has_type(values[f.name], f.type):
+            raise ValueError(f"{section}.{f.name} must be {f.type.__name__}, got {values[f.name]!r}")
     try:
         return cls(**values)
     except TypeError as error:
