@@ -194,14 +194,16 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------------------
 
-    def _forward_backward(self, batches: list[Batch], stop_flag: float) -> tuple[dict[str, Tensor], bool]:
-        # The global masked-frame count normalises the loss (the official rule), and carries the stop flag, so
-        # that one small all-reduce per step serves both.
-        local = torch.tensor([sum(b.mask_indices.numel() for b in batches), stop_flag], dtype=torch.float64)
+    def _forward_backward(self, batches: list[Batch], stop_flag: float) -> tuple[dict[str, Tensor], Tensor]:
+        """Returns the step's summed metrics and statistics, and the stop flag summed over ranks (unread: it
+        is read with the gradient norm, in the step's one host sync)."""
+        # The global masked-frame count normalises the loss (the official rule) and carries the stop flag, so
+        # one small all-reduce per step serves both; it stays on the device.
+        local = torch.tensor([sum(b.mask_indices.numel() for b in batches), stop_flag], dtype=torch.float32)
+        local = local.to(self.device)
         if self.ctx.world_size > 1:
-            local = local.to(self.device)
             dist.all_reduce(local)
-        global_frames, stop = float(local[0]), bool(local[1] > 0)
+        global_frames, stop_votes = local[0].clamp_min(1.0), local[1]
         totals: dict[str, Tensor] = {}
         for i, cpu_batch in enumerate(batches):
             batch = cpu_batch.to(self.device)
@@ -212,19 +214,19 @@ class Trainer:
                     loss, out = self.net(batch.waveforms, mask_indices=batch.mask_indices,
                                          attention_mask=batch.attention_mask)  # fmt: skip
                 with _nvtx("backward"):
-                    self.scaler.scale(loss.sum() * self.ctx.world_size / max(global_frames, 1.0)).backward()
+                    self.scaler.scale(loss.sum() * self.ctx.world_size / global_frames).backward()
             detached = {"loss_sum": loss.detach().sum(), "frames": torch.tensor(float(loss.numel())),
                         "target_ppl": out["target_ppl"].detach() / len(batches),
                         "pred_ppl": out["pred_ppl"].detach() / len(batches),
                         "codebook_counts": out["codebook_counts"], "codebook_sums": out["codebook_sums"]}  # fmt: skip
             for key, value in detached.items():
                 totals[key] = totals[key] + value.to(self.device) if key in totals else value.to(self.device)
-        return totals, stop
+        return totals, stop_votes
 
     def train_step(self, batches: list[Batch], stop_flag: float = 0.0) -> tuple[dict[str, Tensor], bool, bool]:
         """One optimizer step over `batches` (the micro-batches); returns its metrics, whether it was applied,
         and whether any rank asked to stop."""
-        totals, stop = self._forward_backward(batches, stop_flag)
+        totals, stop_votes = self._forward_backward(batches, stop_flag)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_norm)
@@ -232,7 +234,8 @@ class Trainer:
         # The step's one host sync. The norm is taken after DDP's all-reduce, so every rank decides alike: NaN
         # (a non-finite loss anywhere makes NaN gradients everywhere) skips the step; inf under a GradScaler is
         # an fp16 overflow, which the scaler skips and backs off from, as in the official loop.
-        norm = float(grad_norm)
+        norm, stop_votes = torch.stack([grad_norm.float(), stop_votes.float()]).tolist()
+        stop = stop_votes > 0
         if math.isnan(norm) or (math.isinf(norm) and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
