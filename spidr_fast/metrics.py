@@ -41,3 +41,10 @@ def unit_quality(counts: np.ndarray) -> dict[str, float]:
         "unit_perplexity": float(2 ** _entropy(unit_probs)),
         "active_units": int((unit_probs > 0).sum()),
     }
+
+
+def bitrate(counts: np.ndarray, units_per_second: float) -> float:
+    """Bits per second of the unit stream of a (phones, units) count matrix: units per second times the entropy
+    (bits) of the unit distribution."""
+    units = counts.sum(0)
+    return units_per_second * _entropy(units / units.sum()) + 0.0  # + 0.0: no "-0.0" for a single unit

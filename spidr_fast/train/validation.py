@@ -1,15 +1,14 @@
 """Validation: loss and perplexities on masked batches, and the unit quality of every head's units against
 frame labels (the synthetic corpus's own, or an alignments JSONL of {"fileid", "phones": [one per 10 ms]})."""
 
-import json
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_loader, build_source
 from spidr_fast.data.masking import MaskingConfig
 from spidr_fast.data.synthetic import PHONES
@@ -24,15 +23,12 @@ def frame_labels(source: AudioSource | SyntheticSource, cfg: DataConfig) -> tupl
         return [source.corpus.labels(i) for i in range(len(source))], len(PHONES)
     if not cfg.alignments_path:
         return None
-    path = Path(cfg.alignments_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.alignments_path not found: {path}")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    phones = {r["fileid"]: r["phones"] for r in records}
-    inventory = {name: i for i, name in enumerate(sorted({p for r in records for p in r["phones"]}))}
+    records = read_alignments(cfg.alignments_path)
+    phones = {fileid: r["phones"] for fileid, r in records.items()}
+    inventory = {name: i for i, name in enumerate(sorted({p for r in phones.values() for p in r}))}
     missing = [e.fileid for e in source.entries if e.fileid not in phones]
     if missing:
-        raise ValueError(f"{path}: no alignment for file {missing[0]} ({len(missing)} missing)")
+        raise ValueError(f"{cfg.alignments_path}: no alignment for file {missing[0]} ({len(missing)} missing)")
     return [np.array([inventory[p] for p in phones[e.fileid]]) for e in source.entries], len(inventory)
 
 

@@ -1,0 +1,190 @@
+"""Evaluation: unit-quality metrics on hand-computed cases, the built-in ABX (DTW, triples, frame selection,
+item files), clear errors, and the CLI end to end on a tiny checkpoint."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_train import tiny_config
+
+from spidr_fast import abx
+from spidr_fast.data.synthetic import SyntheticCorpus
+from spidr_fast.evaluate import main
+from spidr_fast.metrics import bitrate, joint_counts, unit_quality
+from spidr_fast.models import build_model
+
+# --- unit quality --------------------------------------------------------------------------------------------------
+
+
+def test_perfect_clustering_scores_one():
+    phones = [np.array([0, 0, 1, 1, 2, 2, 2, 2])]
+    units = [np.array([5, 3, 1, 1])]  # one unit per two labels, a unit per phone
+    counts = joint_counts(phones, units, num_phones=3, num_units=8)
+    q = unit_quality(counts)
+    assert q["pnmi"] == pytest.approx(1.0) and q["phone_purity"] == 1.0 and q["cluster_purity"] == 1.0
+    assert q["active_units"] == 3
+    assert q["unit_perplexity"] == pytest.approx(2 ** 1.5)  # probabilities 1/4, 1/4, 1/2: entropy 1.5 bits
+    assert bitrate(counts, 50) == pytest.approx(75.0)
+
+
+def test_independent_units_score_about_zero():
+    rng = np.random.default_rng(0)
+    phones = [rng.integers(0, 4, 200_000)]
+    units = [rng.integers(0, 8, 100_000)]
+    assert unit_quality(joint_counts(phones, units, 4, 8))["pnmi"] < 1e-3
+
+
+def test_hand_computed_counts():
+    q = unit_quality(np.array([[2, 0], [1, 1]]))  # phones × units
+    # p(phone) = (1/2, 1/2): H = 1; p(unit) = (3/4, 1/4); joint (1/2, 0, 1/4, 1/4): H = 1.5
+    h_units = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert q["pnmi"] == pytest.approx(1 + h_units - 1.5)
+    assert q["phone_purity"] == pytest.approx(0.75) and q["cluster_purity"] == pytest.approx(0.75)
+
+
+# --- ABX -----------------------------------------------------------------------------------------------------------
+
+
+def _naive_dtw(x, y):
+    x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    d = torch.arccos((x @ y.T).clamp(-1, 1)) / math.pi
+    best = {}
+    for i in range(len(x)):
+        for j in range(len(y)):
+            previous = [best[p] for p in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if p in best]
+            cost, length = min(previous, key=lambda c: c[0]) if previous else (0.0, 0)
+            best[i, j] = (cost + float(d[i, j]), length + 1)
+    cost, length = best[len(x) - 1, len(y) - 1]
+    return cost / length
+
+
+def test_dtw_matches_a_direct_implementation():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 5, generator=g) for n in (1, 3, 6)]
+    ys = [torch.randn(n, 5, generator=g) for n in (2, 5)]
+    expected = torch.tensor([[_naive_dtw(x, y) for y in ys] for x in xs])
+    torch.testing.assert_close(abx.dtw_distances(xs, ys), expected)
+
+
+def _classes(separation, per_class=12, seed=0):
+    """Items of 3 phones by 2 speakers in one context; frames around one direction per phone."""
+    g = torch.Generator().manual_seed(seed)
+    items, features = [], []
+    for speaker in ("s1", "s2"):
+        for k, phone in enumerate(("a", "b", "c")):
+            for _ in range(per_class):
+                items.append(abx.Item("f", 0.0, 1.0, phone, "x", "y", speaker))
+                frames = int(torch.randint(2, 7, (1,), generator=g))
+                features.append(separation * torch.eye(8)[k] + torch.randn(frames, 8, generator=g))
+    return features, items
+
+
+@pytest.mark.parametrize("speaker", ["within", "across"])
+def test_abx_identical_classes_give_chance(speaker):
+    features, items = _classes(separation=0.0)
+    assert abx.abx_error_rate(features, items, speaker=speaker) == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("speaker", ["within", "across"])
+def test_abx_well_separated_classes_give_zero(speaker):
+    features, items = _classes(separation=50.0)
+    assert abx.abx_error_rate(features, items, speaker=speaker) == 0.0
+
+
+def test_abx_context_conditions_and_no_triple():
+    features, items = _classes(separation=0.0, per_class=3)
+    other_context = [i._replace(prev=f"p{n}") for n, i in enumerate(items)]  # every item alone in its context
+    assert abx.abx_error_rate(features, other_context) is None
+    assert abx.abx_error_rate(features, other_context, context="any") is not None
+
+
+def test_frame_selection_at_boundaries():
+    # 50 Hz: frame i is centred at 20 i + 10 ms; centres within [onset, offset] count, both ends included.
+    assert abx.frame_span(0.03, 0.09, 50, 100) == slice(1, 5)
+    assert abx.frame_span(0.07, 0.11, 50, 100) == slice(3, 6)  # 0.07 s × 50 is 3.5000000000000004
+    assert abx.frame_span(0.031, 0.089, 50, 100) == slice(2, 4)
+    assert abx.frame_span(0.00, 0.02, 50, 100) is None  # a single frame: left out
+    assert abx.frame_span(0.05, 0.50, 50, 6) == slice(2, 6)  # clipped at the end of the file
+    assert abx.frame_span(0.13, 0.20, 50, 6) is None  # begins after the last frame
+
+
+def test_item_files(tmp_path):
+    phones = ["sil"] * 3 + ["a"] * 4 + ["b"] * 2 + ["sil"] * 2 + ["c"] * 3
+    items = abx.items_from_alignment("u1", "s1", phones)
+    assert items == [abx.Item("u1", 0.03, 0.07, "a", "sil", "b", "s1"),
+                     abx.Item("u1", 0.07, 0.09, "b", "a", "sil", "s1")]  # fmt: skip
+    path = tmp_path / "x.item"
+    abx.write_items(items, path)
+    assert path.read_text().splitlines()[0] == abx.ITEM_HEADER
+    assert abx.read_items(path) == items
+    path.write_text(abx.ITEM_HEADER + "\nu1 0.1 0.2 a b\n")
+    with pytest.raises(ValueError, match="x.item:2: expected 7 fields"):
+        abx.read_items(path)
+    with pytest.raises(ValueError, match="'u9', which has no features"):
+        abx.item_features({"u1": torch.zeros(10, 2)}, [items[0]._replace(fileid="u9")], 50)
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder with a training checkpoint of a tiny SpidR (20 ms frames), and a written synthetic corpus."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg=cfg.model)
+    checkpoint = root / "runs" / "spidr_fast" / "synthetic" / "checkpoints" / "step_00000004.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 4}, checkpoint)
+    manifest = SyntheticCorpus(num_utterances=8, min_seconds=1.0, max_seconds=1.5, seed=5).write(root / "corpus")
+    return root, checkpoint, manifest
+
+
+def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys):
+    root, checkpoint, manifest = run
+    assert main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments",
+                 str(manifest.parent / "alignments.jsonl"), "--layers", "0,3", "--context", "any",
+                 "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out or (tmp_path / "metrics.png").is_file()
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["abx"] == "built-in" and abx.read_items(tmp_path / "items.item")
+    assert set(report["layers"]) == {"layer_0", "layer_3"}
+    assert set(report["layers"]["layer_0"]) == {"abx_within", "abx_across"}  # no head on layer 0
+    head = report["layers"]["layer_3"]
+    assert 0 <= head["pnmi"] <= 1 and 1 <= head["active_units"] <= 17
+    assert head["bitrate"] == pytest.approx(50 * math.log2(head["unit_perplexity"]), abs=1e-9)
+    for name in ("abx_within", "abx_across", "abx_units_within", "abx_units_across"):
+        assert 0 <= head[name] <= 100
+
+
+def test_cli_errors_name_the_problem(run, tmp_path):
+    root, checkpoint, manifest = run
+    records = [json.loads(line) for line in (manifest.parent / "alignments.jsonl").read_text().splitlines()]
+    records[1]["phones"] = records[1]["phones"][:50]
+    alignments = tmp_path / "short.jsonl"
+    alignments.write_text("\n".join(json.dumps(r) for r in records))
+    args = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(ValueError, match=f"alignment of {records[1]['fileid']} does not match its audio"):
+        main([*args, "--alignments", str(alignments), "--layers", "3"])
+    alignments.write_text("\n".join(json.dumps(r) for r in records[1:]))
+    with pytest.raises(ValueError, match=f"no alignment for file {records[0]['fileid']}"):
+        main([*args, "--alignments", str(alignments)])
+    with pytest.raises(ValueError, match="unknown layer 4"):
+        main([*args, "--alignments", str(manifest.parent / "alignments.jsonl"), "--layers", "4"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["--checkpoint", str(tmp_path / "none.pt")])
+
+
+def test_cli_without_arguments_evaluates_the_default_run(run, monkeypatch):
+    root, checkpoint, _ = run
+    monkeypatch.chdir(root)
+    assert main([]) == 0
+    report = json.loads((checkpoint.parent / "eval_step_00000004" / "results.json").read_text())
+    assert report["checkpoint"] == str(checkpoint.relative_to(root))
+    assert set(report["layers"]) == {f"layer_{i}" for i in range(4)}
+    assert 0 <= report["layers"]["layer_1"]["pnmi"] <= 1
