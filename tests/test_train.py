@@ -257,6 +257,14 @@ def test_unreadable_audio_is_skipped_and_counted(tmp_path):
     assert summary["step"] == 2 and summary["skipped_files"] >= 1
 
 
+def test_a_corpus_of_only_unreadable_audio_is_an_error(tmp_path, capsys):
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF corrupt")
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\ncorrupt.wav\t40000\n")
+    args = tiny_cli_args(tmp_path / "run", "--manifest", str(tmp_path / "m.tsv"), "--set=data.min_sample_size=1000")
+    assert main(args) == 2
+    assert "no readable audio in a whole epoch" in capsys.readouterr().err
+
+
 # --- compile, schedules, metrics, environment ----------------------------------------------------------------------
 
 

@@ -185,11 +185,16 @@ class Trainer:
         are counted and passed over."""
         while True:
             self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
+            usable = False
             for batch in self.loader:
                 self.position += 1
                 self.skipped_files += batch.skipped
                 if batch.waveforms.shape[0]:
+                    usable = True
                     yield batch
+            if not usable:  # otherwise an unreadable corpus would loop over empty epochs forever
+                raise ValueError(f"no readable audio in a whole epoch of data.manifest {self.cfg.data.manifest!r} "
+                                 f"({self.skipped_files} unreadable files skipped)")  # fmt: skip
             self.epoch, self.position = self.epoch + 1, 0
 
     # --- one step --------------------------------------------------------------------------------------------------
