@@ -1,0 +1,227 @@
+// Flash-attention backward (FlashAttention-2 scheme). A block of 4 warps owns 64 keys of one (sequence, head)
+// and walks the query tiles: each warp recomputes its 16 keys' probabilities Pᵀ from the saved log-sum-exp,
+// accumulates dV and dK in registers, and the block adds its share of dQ into an fp32 buffer with atomics.
+// Two helper kernels: delta = rowsum(dO ∘ O) before, and dQ's rounding to the input dtype after.
+#pragma once
+
+#include "forward_kernel.h"
+
+namespace spidr {
+
+template <int HeadDim>
+struct BackwardSmem {
+  static constexpr int kStride = HeadDim + 8;     // K, V, Q, dO tiles, row-major
+  static constexpr int kDsStride = kBlockN + 8;   // dS tile, (query, key)
+  static constexpr int kTile = kBlockN * kStride;
+  static constexpr int kElements = 4 * kTile + kBlockM * kDsStride;
+  static constexpr int kBytes = kElements * 2 + 2 * kBlockM * 4;  // + lse and delta of the query tile
+};
+
+template <typename Element>
+SPIDR_GLOBAL void flash_backward_delta_kernel(BackwardParams p) {
+  // One thread per (token, head): delta = Σ_d dO·O in fp32.
+  int64_t index = int64_t(block_index().x) * kThreads + thread_index();
+  if (index >= int64_t(p.total_tokens) * p.heads) return;
+  int token = int(index / p.heads), head = int(index % p.heads);
+  const auto* out = static_cast<const uint16_t*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
+  const auto* grad_out =
+      static_cast<const uint16_t*>(p.grad_out) + token * p.grad_out_token_stride + head * p.grad_out_head_stride;
+  float sum = 0.0f;
+  for (int d = 0; d < p.head_dim; ++d) sum += Element::to_float(out[d]) * Element::to_float(grad_out[d]);
+  p.delta[int64_t(head) * p.total_tokens + token] = sum;
+}
+
+template <typename Element>
+SPIDR_GLOBAL void flash_backward_grad_q_kernel(BackwardParams p) {
+  // dQ = softmax_scale · (Σ dS K), rounded once from the fp32 accumulator.
+  int64_t index = int64_t(block_index().x) * kThreads + thread_index();
+  if (index >= int64_t(p.total_tokens) * p.heads * p.head_dim) return;
+  int64_t token = index / (int64_t(p.heads) * p.head_dim);
+  int head = int(index / p.head_dim % p.heads), d = int(index % p.head_dim);
+  auto* grad_q = static_cast<uint16_t*>(p.grad_q) + token * p.grad_token_stride + head * p.grad_head_stride;
+  grad_q[d] = round_to<Element>(p.grad_q_accum[index] * p.softmax_scale);
+}
+
+template <typename Element, int HeadDim, bool Dropout>
+SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
+  using Smem = BackwardSmem<HeadDim>;
+  constexpr int kKSteps = HeadDim / 16;
+  constexpr int kDimTiles = HeadDim / 8;
+  constexpr int kQueryTiles = kBlockM / 8;
+
+  const BlockIndex block = block_index();
+  const int head = block.y, sequence = block.z;
+  const int start = p.cu_seqlens[sequence];
+  const int seqlen = p.cu_seqlens[sequence + 1] - start;
+  const int n0 = block.x * kBlockN;
+  if (n0 >= seqlen) return;
+
+  const int warp = thread_index() / kWarpSize, lane = thread_index() % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int key_rows[2] = {warp * 16 + g, warp * 16 + g + 8};  // this lane's keys, within the tile
+
+  const auto* q = static_cast<const uint16_t*>(p.q) + int64_t(start) * p.q_token_stride + head * p.q_head_stride;
+  const auto* k = static_cast<const uint16_t*>(p.k) + int64_t(start) * p.k_token_stride + head * p.k_head_stride;
+  const auto* v = static_cast<const uint16_t*>(p.v) + int64_t(start) * p.v_token_stride + head * p.v_head_stride;
+  const auto* grad_out = static_cast<const uint16_t*>(p.grad_out) + int64_t(start) * p.grad_out_token_stride +
+                         head * p.grad_out_head_stride;
+
+  uint16_t* k_tile = dynamic_shared_memory();
+  uint16_t* v_tile = k_tile + Smem::kTile;
+  uint16_t* q_tile = v_tile + Smem::kTile;
+  uint16_t* grad_out_tile = q_tile + Smem::kTile;
+  uint16_t* ds_tile = grad_out_tile + Smem::kTile;
+  float* lse_tile = reinterpret_cast<float*>(k_tile + Smem::kElements);
+  float* delta_tile = lse_tile + kBlockM;
+
+  load_tile<HeadDim, false>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
+  load_tile<HeadDim, false>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
+
+  float grad_k[kDimTiles][4], grad_v[kDimTiles][4];
+  SPIDR_UNROLL
+  for (int dt = 0; dt < kDimTiles; ++dt)
+    SPIDR_UNROLL
+    for (int i = 0; i < 4; ++i) grad_k[dt][i] = grad_v[dt][i] = 0.0f;
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float* lse = p.lse + int64_t(head) * p.total_tokens + start;
+  const float* delta = p.delta + int64_t(head) * p.total_tokens + start;
+
+  // A fragments of a (16 x 16·kKSteps) row-major block of a shared tile, rows row0.., columns kk*16..
+  auto a_fragment = [&](const uint16_t* tile, int stride, int row0, int kk, uint32_t (&a)[4]) {
+    SPIDR_UNROLL
+    for (int r = 0; r < 4; ++r)
+      a[r] = load_u32(tile + (row0 + g + (r % 2) * 8) * stride + kk * 16 + 2 * t + (r / 2) * 8);
+  };
+
+  for (int m0 = 0; m0 < seqlen; m0 += kBlockM) {
+    sync_block();  // the previous query tile is no longer read
+    load_tile<HeadDim, false>(q_tile, Smem::kStride, q, p.q_token_stride, m0, seqlen);
+    load_tile<HeadDim, false>(grad_out_tile, Smem::kStride, grad_out, p.grad_out_token_stride, m0, seqlen);
+    for (int i = thread_index(); i < kBlockM; i += kThreads) {
+      bool valid = m0 + i < seqlen;
+      lse_tile[i] = valid ? lse[m0 + i] : INFINITY;  // padded queries get probability 0
+      delta_tile[i] = valid ? delta[m0 + i] : 0.0f;
+    }
+    sync_block();
+
+    // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for the warp's 16 keys against the 64 queries.
+    float prob[kQueryTiles][4], grad_prob[kQueryTiles][4];
+    SPIDR_UNROLL
+    for (int nt = 0; nt < kQueryTiles; ++nt)
+      SPIDR_UNROLL
+      for (int i = 0; i < 4; ++i) prob[nt][i] = grad_prob[nt][i] = 0.0f;
+    SPIDR_UNROLL
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t k_frag[4], v_frag[4];
+      a_fragment(k_tile, Smem::kStride, warp * 16, kk, k_frag);
+      a_fragment(v_tile, Smem::kStride, warp * 16, kk, v_frag);
+      SPIDR_UNROLL
+      for (int nt = 0; nt < kQueryTiles; ++nt) {
+        const uint16_t* query_row = q_tile + (nt * 8 + g) * Smem::kStride + kk * 16 + 2 * t;
+        const uint16_t* grad_out_row = grad_out_tile + (nt * 8 + g) * Smem::kStride + kk * 16 + 2 * t;
+        const uint32_t bq[2] = {load_u32(query_row), load_u32(query_row + 8)};
+        const uint32_t bo[2] = {load_u32(grad_out_row), load_u32(grad_out_row + 8)};
+        mma_16x8x16<Element>(prob[nt], k_frag, bq);
+        mma_16x8x16<Element>(grad_prob[nt], v_frag, bo);
+      }
+    }
+
+    // P = exp(S·scale − lse); with dropout Z = keep / (1 − p): dV takes P∘Z, dS = P ∘ (Z∘dP − delta).
+    float grad_logit[kQueryTiles][4];
+    SPIDR_UNROLL
+    for (int nt = 0; nt < kQueryTiles; ++nt) {
+      SPIDR_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        int query = nt * 8 + 2 * t + i % 2;
+        int key = n0 + key_rows[i / 2];
+        float probability = key < seqlen ? fast_exp2(prob[nt][i] * scale_log2 - lse_tile[query] * kLog2e) : 0.0f;
+        float dropped = probability, grad = grad_prob[nt][i];
+        if constexpr (Dropout) {
+          bool keep = draw_of(dropout_draws(p.rng_state, head, start + m0 + query, key / 4), key) >= p.drop_threshold;
+          dropped = keep ? probability * p.keep_scale : 0.0f;
+          grad = keep ? grad * p.keep_scale : 0.0f;
+        }
+        prob[nt][i] = dropped;
+        grad_logit[nt][i] = probability * (grad - delta_tile[query]);
+      }
+    }
+
+    // dV += (P∘Z)ᵀ dO and dK += dSᵀ Q: the accumulators' layout is the A fragment layout, queries as k.
+    SPIDR_UNROLL
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      const uint32_t a_prob[4] = {
+          Element::pack(prob[2 * kk][0], prob[2 * kk][1]), Element::pack(prob[2 * kk][2], prob[2 * kk][3]),
+          Element::pack(prob[2 * kk + 1][0], prob[2 * kk + 1][1]),
+          Element::pack(prob[2 * kk + 1][2], prob[2 * kk + 1][3])};
+      const uint32_t a_grad[4] = {Element::pack(grad_logit[2 * kk][0], grad_logit[2 * kk][1]),
+                                  Element::pack(grad_logit[2 * kk][2], grad_logit[2 * kk][3]),
+                                  Element::pack(grad_logit[2 * kk + 1][0], grad_logit[2 * kk + 1][1]),
+                                  Element::pack(grad_logit[2 * kk + 1][2], grad_logit[2 * kk + 1][3])};
+      SPIDR_UNROLL
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        // B = rows (queries kk*16 + 2t, +1, +8, +9) of one column of dO or Q: not adjacent, so read singly.
+        const int column = dt * 8 + g;
+        const uint16_t* o0 = grad_out_tile + (kk * 16 + 2 * t) * Smem::kStride + column;
+        const uint16_t* q0 = q_tile + (kk * 16 + 2 * t) * Smem::kStride + column;
+        const int s = Smem::kStride;
+        const uint32_t bo[2] = {pair_of(o0[0], o0[s]), pair_of(o0[8 * s], o0[9 * s])};
+        const uint32_t bq[2] = {pair_of(q0[0], q0[s]), pair_of(q0[8 * s], q0[9 * s])};
+        mma_16x8x16<Element>(grad_v[dt], a_prob, bo);
+        mma_16x8x16<Element>(grad_k[dt], a_grad, bq);
+      }
+    }
+
+    // dS to shared memory as (query, key), then dQ[queries] += dS K, one warp per 16 queries.
+    SPIDR_UNROLL
+    for (int nt = 0; nt < kQueryTiles; ++nt)
+      SPIDR_UNROLL
+      for (int i = 0; i < 4; ++i)
+        ds_tile[(nt * 8 + 2 * t + i % 2) * Smem::kDsStride + key_rows[i / 2]] = round_to<Element>(grad_logit[nt][i]);
+    sync_block();
+    float grad_q[kDimTiles][4];
+    SPIDR_UNROLL
+    for (auto& tile : grad_q)
+      SPIDR_UNROLL
+      for (float& x : tile) x = 0.0f;
+    SPIDR_UNROLL
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a_fragment(ds_tile, Smem::kDsStride, warp * 16, kk, a);
+      SPIDR_UNROLL
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        const uint16_t* k0 = k_tile + (kk * 16 + 2 * t) * Smem::kStride + dt * 8 + g;
+        const int s = Smem::kStride;
+        const uint32_t b[2] = {pair_of(k0[0], k0[s]), pair_of(k0[8 * s], k0[9 * s])};
+        mma_16x8x16<Element>(grad_q[dt], a, b);
+      }
+    }
+    SPIDR_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      int query = m0 + warp * 16 + g + r * 8;
+      if (query >= seqlen) continue;
+      float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim;
+      SPIDR_UNROLL
+      for (int dt = 0; dt < kDimTiles; ++dt) {
+        atomic_add(row + dt * 8 + 2 * t, grad_q[dt][2 * r]);
+        atomic_add(row + dt * 8 + 2 * t + 1, grad_q[dt][2 * r + 1]);
+      }
+    }
+  }
+
+  auto* grad_k_out = static_cast<uint16_t*>(p.grad_k) + int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
+  auto* grad_v_out = static_cast<uint16_t*>(p.grad_v) + int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
+  SPIDR_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    int key = n0 + key_rows[r];
+    if (key >= seqlen) continue;
+    SPIDR_UNROLL
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      int64_t offset = int64_t(key) * p.grad_token_stride + dt * 8 + 2 * t;
+      store_u32(grad_k_out + offset,
+                Element::pack(grad_k[dt][2 * r] * p.softmax_scale, grad_k[dt][2 * r + 1] * p.softmax_scale));
+      store_u32(grad_v_out + offset, Element::pack(grad_v[dt][2 * r], grad_v[dt][2 * r + 1]));
+    }
+  }
+}
+
+}  // namespace spidr

@@ -1,0 +1,19 @@
+// Host entry points of the kernels, one pair per (element type, head dim); defined in the per-head-dim files.
+#pragma once
+
+#include <cstdint>
+
+#include "params.h"
+
+namespace spidr {
+
+struct Bf16;
+struct Fp16;
+
+template <typename Element, int HeadDim>
+void run_forward(const ForwardParams& params, uintptr_t stream);
+
+template <typename Element, int HeadDim>
+void run_backward(const BackwardParams& params, uintptr_t stream);
+
+}  // namespace spidr

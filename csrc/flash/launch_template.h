@@ -1,0 +1,50 @@
+// The launchers behind launch.h, instantiated per head dim in forward_hdim*.cu and backward_hdim*.cu.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "backward_kernel.h"
+#include "forward_kernel.h"
+#include "launch.h"
+
+namespace spidr {
+
+template <typename Params>
+void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int shared_bytes, uintptr_t stream,
+            const Params& params) {
+  if (grid_x == 0 || grid_y == 0 || grid_z == 0) return;
+#ifdef SPIDR_EMULATE
+  emu::launch({unsigned(grid_x), unsigned(grid_y), unsigned(grid_z)}, {unsigned(kThreads), 1, 1},
+              size_t(shared_bytes), [&] { kernel(params); });
+#else
+  auto check = [](cudaError_t status, const char* what) {
+    if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+  };
+  if (shared_bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes),
+          "flash attention: shared memory request");
+  kernel<<<dim3(grid_x, grid_y, grid_z), kThreads, shared_bytes, reinterpret_cast<cudaStream_t>(stream)>>>(params);
+  check(cudaGetLastError(), "flash attention: kernel launch");
+#endif
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+template <typename Element, int HeadDim>
+void run_forward(const ForwardParams& p, uintptr_t stream) {
+  auto kernel = p.dropout ? &flash_forward_kernel<Element, HeadDim, true> : &flash_forward_kernel<Element, HeadDim, false>;
+  launch(kernel, ceil_div(p.max_seqlen, kBlockM), p.heads, p.batch, ForwardSmem<HeadDim>::kBytes, stream, p);
+}
+
+template <typename Element, int HeadDim>
+void run_backward(const BackwardParams& p, uintptr_t stream) {
+  int64_t rows = int64_t(p.total_tokens) * p.heads;
+  launch(&flash_backward_delta_kernel<Element>, ceil_div(rows, kThreads), 1, 1, 0, stream, p);
+  auto kernel =
+      p.dropout ? &flash_backward_kernel<Element, HeadDim, true> : &flash_backward_kernel<Element, HeadDim, false>;
+  launch(kernel, ceil_div(p.max_seqlen, kBlockN), p.heads, p.batch, BackwardSmem<HeadDim>::kBytes, stream, p);
+  launch(&flash_backward_grad_q_kernel<Element>, ceil_div(rows * HeadDim, kThreads), 1, 1, 0, stream, p);
+}
+
+}  // namespace spidr

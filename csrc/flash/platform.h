@@ -1,0 +1,206 @@
+// The few device primitives the flash-attention kernels use, for nvcc or for the CPU emulator.
+//
+// Built by nvcc they are CUDA intrinsics and inline PTX. Built by a C++ compiler with SPIDR_EMULATE they run
+// every CUDA thread of a block as a fiber on one CPU thread (csrc/emulate/), with the same tensor-core fragment
+// layouts, so the kernels' indexing, online softmax, dropout and backward are tested on machines without a GPU.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#ifdef SPIDR_EMULATE
+#include "../emulate/emulator.h"
+#define SPIDR_DEVICE inline
+#define SPIDR_HOST_DEVICE inline
+#define SPIDR_GLOBAL
+#define SPIDR_RESTRICT
+#define SPIDR_UNROLL
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define SPIDR_DEVICE __device__ __forceinline__
+#define SPIDR_HOST_DEVICE __host__ __device__ __forceinline__
+#define SPIDR_GLOBAL __global__
+#define SPIDR_RESTRICT __restrict__
+#define SPIDR_UNROLL _Pragma("unroll")  // fixed-size register arrays must not spill to local memory
+#endif
+
+namespace spidr {
+
+constexpr int kWarpSize = 32;
+
+// 16-bit floating-point element types, carried as raw bits everywhere; only these helpers interpret them.
+struct Bf16 {
+  static SPIDR_DEVICE float to_float(uint16_t bits) {
+#ifdef SPIDR_EMULATE
+    uint32_t word = uint32_t(bits) << 16;
+    float value;
+    std::memcpy(&value, &word, 4);
+    return value;
+#else
+    return __uint_as_float(uint32_t(bits) << 16);
+#endif
+  }
+  static SPIDR_DEVICE uint32_t pack(float lo, float hi) {  // round to nearest even, lo in the low half
+#ifdef SPIDR_EMULATE
+    return uint32_t(emu::float_to_bf16(lo)) | (uint32_t(emu::float_to_bf16(hi)) << 16);
+#else
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&pair);
+#endif
+  }
+  static constexpr bool kIsBf16 = true;
+};
+
+struct Fp16 {
+  static SPIDR_DEVICE float to_float(uint16_t bits) {
+#ifdef SPIDR_EMULATE
+    return emu::fp16_to_float(bits);
+#else
+    return __half2float(__ushort_as_half(bits));
+#endif
+  }
+  static SPIDR_DEVICE uint32_t pack(float lo, float hi) {
+#ifdef SPIDR_EMULATE
+    return uint32_t(emu::float_to_fp16(lo)) | (uint32_t(emu::float_to_fp16(hi)) << 16);
+#else
+    __half2 pair = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&pair);
+#endif
+  }
+  static constexpr bool kIsBf16 = false;
+};
+
+template <typename Element>
+SPIDR_DEVICE uint16_t round_to(float value) {
+  return uint16_t(Element::pack(value, 0.0f) & 0xffffu);
+}
+
+SPIDR_DEVICE uint32_t load_u32(const uint16_t* address) {  // two adjacent elements, 4-byte aligned
+  uint32_t word;
+#ifdef SPIDR_EMULATE
+  std::memcpy(&word, address, 4);
+#else
+  word = *reinterpret_cast<const uint32_t*>(address);
+#endif
+  return word;
+}
+
+SPIDR_DEVICE void store_u32(uint16_t* address, uint32_t word) {
+#ifdef SPIDR_EMULATE
+  std::memcpy(address, &word, 4);
+#else
+  *reinterpret_cast<uint32_t*>(address) = word;
+#endif
+}
+
+SPIDR_DEVICE uint32_t pair_of(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+// 16 bytes (8 elements), both addresses 16-byte aligned.
+SPIDR_DEVICE void copy16(uint16_t* destination, const uint16_t* source) {
+#ifdef SPIDR_EMULATE
+  std::memcpy(destination, source, 16);
+#else
+  *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(source);
+#endif
+}
+
+SPIDR_DEVICE void zero16(uint16_t* destination) {
+#ifdef SPIDR_EMULATE
+  std::memset(destination, 0, 16);
+#else
+  *reinterpret_cast<uint4*>(destination) = make_uint4(0, 0, 0, 0);
+#endif
+}
+
+SPIDR_DEVICE void sync_block() {
+#ifdef SPIDR_EMULATE
+  emu::sync_block();
+#else
+  __syncthreads();
+#endif
+}
+
+SPIDR_DEVICE float shfl_xor(float value, int lane_mask) {
+#ifdef SPIDR_EMULATE
+  return emu::shfl_xor(value, lane_mask);
+#else
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask);
+#endif
+}
+
+SPIDR_DEVICE void atomic_add(float* address, float value) {
+#ifdef SPIDR_EMULATE
+  *address += value;  // the emulator runs one fiber at a time
+#else
+  atomicAdd(address, value);
+#endif
+}
+
+SPIDR_DEVICE float fast_exp2(float x) {
+#ifdef SPIDR_EMULATE
+  return emu::exp2(x);
+#else
+  return exp2f(x);
+#endif
+}
+
+// D += A·B for one warp: A 16x16 row-major, B 16x8 column-major (16-bit elements), D 16x8 fp32.
+// With g = lane / 4 and t = lane % 4, a lane holds
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   d[0], d[1] = D[g][2t, 2t+1]   d[2], d[3] = D[g+8][2t, 2t+1]
+// (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type").
+template <typename Element>
+SPIDR_DEVICE void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef SPIDR_EMULATE
+  emu::mma_16x8x16(d, a, b, &Element::to_float);
+#else
+  if constexpr (Element::kIsBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+SPIDR_DEVICE int thread_index() {
+#ifdef SPIDR_EMULATE
+  return emu::thread_index();
+#else
+  return threadIdx.x;
+#endif
+}
+
+struct BlockIndex {
+  int x, y, z;
+};
+
+SPIDR_DEVICE BlockIndex block_index() {
+#ifdef SPIDR_EMULATE
+  auto block = emu::block_coordinates();
+  return {block.x, block.y, block.z};
+#else
+  return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+#endif
+}
+
+SPIDR_DEVICE uint16_t* dynamic_shared_memory() {
+#ifdef SPIDR_EMULATE
+  return reinterpret_cast<uint16_t*>(emu::shared_memory());
+#else
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  return reinterpret_cast<uint16_t*>(shared_bytes);
+#endif
+}
+
+}  // namespace spidr
