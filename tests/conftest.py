@@ -82,3 +82,30 @@ def triton_device():
     ops.set_backend("triton")
     yield torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ops.set_backend(None)
+
+
+@pytest.fixture(scope="session")
+def flash_emulator():
+    """The CPU emulator build of csrc/ (same kernel code as the CUDA build), built once per cache."""
+    from spidr_fast import build_extension
+
+    try:
+        path, _ = build_extension.build(emulate=True)
+    except (FileNotFoundError, RuntimeError) as error:  # no cmake, ninja or compiler here
+        if os.environ.get("CI"):
+            pytest.fail(f"the flash-attention emulator does not build: {error}")
+        pytest.skip(f"the flash-attention emulator does not build: {error}")
+    return build_extension.load(path)
+
+
+@pytest.fixture
+def emulated_flash(flash_emulator):
+    """Run spidr_fast's flash-attention through the emulator, and force the "cuda" backend, for one test."""
+    from spidr_fast import ops
+    from spidr_fast.ops import flash_attention
+
+    previous_module, previous_backend = flash_attention.use_extension(flash_emulator), ops.forced_backend()
+    ops.set_backend("cuda")
+    yield flash_emulator
+    flash_attention.use_extension(previous_module)
+    ops.set_backend(previous_backend)

@@ -49,13 +49,22 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return decorator
 
 
-def implementation(op: str, device: torch.device) -> Callable:
-    """The implementation of `op` that runs for tensors on `device`."""
+def backend_name(op: str, device: torch.device) -> str:
+    """The backend whose implementation of `op` runs for tensors on `device`."""
     impls = _registry[op]
     if _forced is not None:
-        return impls.get(_forced, impls["reference"])
+        return _forced if _forced in impls else "reference"
     if device.type == "cuda":
         for backend in _GPU_PREFERENCE:
             if backend in impls:
-                return impls[backend]
-    return impls["reference"]
+                return backend
+    return "reference"
+
+
+def implementation(op: str, device: torch.device) -> Callable:
+    """The implementation of `op` that runs for tensors on `device`."""
+    return _registry[op][backend_name(op, device)]
+
+
+def registered_ops() -> list[str]:
+    return list(_registry)

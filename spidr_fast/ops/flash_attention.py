@@ -62,8 +62,13 @@ def _check_layout(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be (total_tokens, heads, head_dim in {HEAD_DIMS}), got {tuple(tensor.shape)}")
     if tensor.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous along head_dim, got strides {tensor.stride()}")
-    if tensor.stride(0) % _ALIGNMENT or tensor.stride(1) % _ALIGNMENT or tensor.data_ptr() % 16:
-        raise ValueError(f"{name} must be 16-byte aligned with strides a multiple of 8, got strides {tensor.stride()}")
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when the kernels can read it in place (16-byte aligned rows), else an aligned copy.
+    Called inside the custom ops, on real tensors: addresses are unknown while torch.compile traces."""
+    strides_ok = tensor.stride(-1) == 1 and all(stride % _ALIGNMENT == 0 for stride in tensor.stride()[:-1])
+    return tensor if strides_ok and tensor.data_ptr() % 16 == 0 else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> None:
@@ -106,6 +111,7 @@ def _forward_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
+    q, k, v = (aligned(t) for t in (q, k, v))
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     _extension.forward(
@@ -136,6 +142,7 @@ def _backward_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
+    grad_out, q, k, v, out = (aligned(t) for t in (grad_out, q, k, v, out))
     grad_q, grad_k, grad_v = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in "qkv")
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     grad_q_accum = torch.zeros((total, heads, head_dim), dtype=torch.float32, device=q.device)
@@ -161,8 +168,6 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
-    if grad_out.stride(-1) != 1 or grad_out.stride(0) % _ALIGNMENT or grad_out.stride(1) % _ALIGNMENT:
-        grad_out = grad_out.contiguous()
     grad_q, grad_k, grad_v = _backward_op(
         grad_out, q, k, v, out, lse, cu_seqlens, rng_state, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale
     )
