@@ -176,6 +176,10 @@ def test_flash_attention_varlen_names_bad_arguments(emulated_flash):
         flash_attention_varlen(good, good, good.transpose(1, 2).contiguous().transpose(1, 2)[..., :64], cu_seqlens, 8)
     with pytest.raises(ValueError, match="v must match q's shape"):
         flash_attention_varlen(good, good, good[:4], cu_seqlens, 8)
+    with pytest.raises(ValueError, match="cu_seqlens must be .* int32"):
+        flash_attention_varlen(good, good, good, cu_seqlens.long(), 8)
+    with pytest.raises(ValueError, match="rng_state must be"):
+        flash_attention_varlen(good, good, good, cu_seqlens, 8, dropout_p=0.1, rng_state=torch.tensor([1]))
 
 
 def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):

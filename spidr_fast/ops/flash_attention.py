@@ -205,6 +205,12 @@ def flash_attention_varlen(
     reason = unsupported_reason(q)
     if reason is not None:
         raise ValueError(f"flash_attention_varlen cannot run: {reason}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be (B + 1,) int32 on q's device {q.device}, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")  # fmt: skip
+    if rng_state is not None and (rng_state.shape != (2,) or rng_state.dtype != torch.int64 or rng_state.device != q.device):
+        raise ValueError(f"rng_state must be (2,) int64 [seed, offset] on q's device {q.device}, got "
+                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")  # fmt: skip
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if rng_state is None:

@@ -91,6 +91,12 @@ class MetricsLog:
                 sink.log(scalars, step=step)
 
 
+def compile_encoders(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile the student's and the teacher's transformer layers (see `Trainer._wrap` for why only them)."""
+    for encoder in (model.student, model.teacher):  # `_run_layers` serves every entry point
+        encoder._run_layers = torch.compile(encoder._run_layers, backend=backend, dynamic=True)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_backend: str | None = None,
                  profile: bool = False, progress: bool = True) -> None:  # fmt: skip
@@ -142,8 +148,7 @@ class Trainer:
         fixed length buckets, would spend compute on padding and change the official crop.
         """
         if self.compile_backend and not self._compiled:
-            for encoder in (self.model.student, self.model.teacher):  # `_run_layers` serves every entry point
-                encoder._run_layers = torch.compile(encoder._run_layers, backend=self.compile_backend, dynamic=True)
+            compile_encoders(self.model, self.compile_backend)
             self._compiled = True
         self.net: torch.nn.Module = self.model
         if self.ctx.world_size > 1:

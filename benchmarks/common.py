@@ -1,0 +1,179 @@
+"""What every benchmark shares: timing, the device's measured peaks, the environment, results files.
+
+Timing on a GPU is triton.testing.do_bench: CUDA events, warm-up excluded, the L2 cache flushed before every
+timed run (so inputs are never served from cache), the median of the runs. On a CPU it is the median of
+perf_counter runs, and the numbers only smoke-test the code: CPU times say nothing about GPU speed.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CPU_DISCLAIMER = "CPU smoke run: these times check that the code runs; they say nothing about GPU speed."
+
+
+def median_ms(fn: Callable[[], object], *, device: torch.device, rep_ms: int = 200, min_runs: int = 3) -> float:
+    """Median milliseconds of fn() on `device`."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up
+    times, deadline = [], time.perf_counter() + rep_ms / 1000
+    while len(times) < min_runs or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Measured in the same run: a large device-to-device copy, and a large bf16 matmul."""
+
+    copy_gb_per_s: float
+    bf16_matmul_tflop_per_s: float
+
+
+def measure_peaks(device: torch.device) -> Peaks:
+    size, n = (1 << 30, 8192) if device.type == "cuda" else (1 << 24, 512)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = median_ms(lambda: target.copy_(source), device=device)
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    matmul_ms = median_ms(lambda: a @ b, device=device)
+    return Peaks(copy_gb_per_s=2 * size / copy_ms / 1e6, bf16_matmul_tflop_per_s=2 * n**3 / matmul_ms / 1e9)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            info["driver"] = "unknown"
+    return info
+
+
+@dataclass
+class Row:
+    """One measurement: `impl` of `case` at `shape`, and what it achieved."""
+
+    case: str
+    shape: str
+    impl: str
+    ms: float | None  # None: this implementation cannot run here (see note)
+    gb_per_s: float | None = None
+    tflop_per_s: float | None = None
+    share_of_peak: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Results:
+    benchmark: str
+    device: torch.device
+    peaks: Peaks
+    rows: list[Row] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def add(self, case: str, shape: str, impl: str, ms: float | None, *, bytes_moved: float | None = None,
+            flops: float | None = None, note: str = "") -> Row:  # fmt: skip
+        row = Row(case, shape, impl, ms, note=note)
+        if ms is not None and bytes_moved is not None:
+            row.gb_per_s = bytes_moved / ms / 1e6
+            row.share_of_peak = row.gb_per_s / self.peaks.copy_gb_per_s
+        if ms is not None and flops is not None:
+            row.tflop_per_s = flops / ms / 1e9
+            row.share_of_peak = row.tflop_per_s / self.peaks.bf16_matmul_tflop_per_s
+        self.rows.append(row)
+        return row
+
+    def print_table(self) -> None:
+        if self.device.type != "cuda":
+            print(CPU_DISCLAIMER)
+        print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
+              f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s")  # fmt: skip
+        header = f"{'case':<26} {'shape':<30} {'impl':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"
+        print(header)
+        print("-" * len(header))
+        fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
+        for r in self.rows:
+            print(f"{r.case:<26} {r.shape:<30} {r.impl:<28} {fmt(r.ms, '.3f', 9)} {fmt(r.gb_per_s, '.0f', 8)} "
+                  f"{fmt(r.tflop_per_s, '.1f', 8)} {fmt(r.share_of_peak, '.0%', 6)}" + (f"  {r.note}" if r.note else ""))  # fmt: skip
+
+    def write(self, path: Path | None = None) -> Path:
+        env = environment(self.device)
+        if path is None:
+            card = str(env["device"]).split("(")[0].strip().replace(" ", "-").lower()
+            path = RESULTS_DIR / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"benchmark": self.benchmark, "environment": env, "command": " ".join(sys.argv),
+                   "peaks": asdict(self.peaks), "cpu_smoke_run": self.device.type != "cuda",
+                   "rows": [asdict(r) for r in self.rows], **self.extra}  # fmt: skip
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"results: {path}")
+        return path
+
+
+def try_run(fn: Callable[[], object]) -> str | None:
+    """None when fn() runs, else why not (one line): a backend missing here is a result, not a crash."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - any failure means "this implementation does not run here"
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}" if str(error) else type(error).__name__
+    return None
+
+
+def import_official():
+    """The official `spidr` 0.2.0 package: importable, or unpacked at $SPIDR_OFFICIAL_PATH or in the tests' cache
+    (~/.cache/spidr_fast/official/0.2.0); None when absent (the machine may have no internet)."""
+    candidates = [os.environ.get("SPIDR_OFFICIAL_PATH"), Path.home() / ".cache" / "spidr_fast" / "official" / "0.2.0"]
+    for candidate in [None, *candidates]:
+        if candidate is not None:
+            if not (Path(candidate) / "spidr").is_dir():
+                continue
+            sys.path.insert(0, str(candidate))
+        try:
+            import spidr.models
+
+            return spidr
+        except ImportError:
+            continue
+    return None

@@ -1,0 +1,229 @@
+"""Each fused op against its reference (eager and under torch.compile), the official implementation where it
+has one, and the public alternatives, at the SpidR shapes and over a sweep of sizes.
+
+    python -m benchmarks.kernels              # on a GPU: the full sweep, a table, benchmarks/results/*.json
+    python -m benchmarks.kernels --smoke      # tiny shapes, no torch.compile (the default without a GPU)
+
+Ops and what is counted (the minimum traffic or the useful FLOPs, by the usual conventions):
+  codebook targets   instance norm + masked-frame selection + nearest codeword + batch statistics, 8 layers;
+                     bytes = the teacher layers read once + the codebooks
+  ema update         in place over 8 layers; bytes = codebook and counts read and written, statistics read
+  heads CE fwd+bwd   8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
+  attention fwd      FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
+"""
+
+import argparse
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter, chosen before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.common import Results, import_official, measure_peaks, median_ms, try_run
+from spidr_fast import ops
+from spidr_fast.ops import flash_attention
+
+LAYERS, DIM, CODEWORDS = 8, 768, 256
+SMOKE = False  # tiny shapes and no torch.compile: compiling on a CPU takes longer than the whole smoke run
+
+
+def _impls_of(op_fn, backend_names):
+    """op_fn run with each named backend forced (the seam's switch), as callables."""
+
+    def forced(backend, *args, **kwargs):
+        previous = ops.forced_backend()
+        ops.set_backend(backend)
+        try:
+            return op_fn(*args, **kwargs)
+        finally:
+            ops.set_backend(previous)
+
+    return {name: functools.partial(forced, backend) for name, backend in backend_names.items()}
+
+
+def _add_compiled(impls, name, fn):
+    if not SMOKE:
+        impls[name] = torch.compile(fn, dynamic=False)
+
+
+def _time(results, case, shape, impl, fn, device, **counts):
+    failure = try_run(fn)
+    ms = None if failure else median_ms(fn, device=device)
+    results.add(case, shape, impl, ms, note=failure or "", **counts)
+
+
+def bench_codebook_targets(results, device, frames_list, dtype, official):
+    for batch, frames in frames_list:
+        n = int(0.6 * batch * frames)  # about the official masked share
+        layers = torch.randn(LAYERS, batch, frames, DIM, device=device, dtype=dtype)
+        frame_index = torch.randperm(batch * frames, device=device)[:n].sort().values
+        codebook = torch.randn(LAYERS, CODEWORDS, DIM, device=device)
+        counts = torch.ones(LAYERS, CODEWORDS, device=device)
+        shape = f"L{LAYERS} B{batch} T{frames} N{n}"
+        nbytes = layers.numel() * layers.element_size() + codebook.numel() * 4
+
+        def reference():
+            return ops.codebook_assign(ops.instance_norm_select(layers, frame_index), codebook, counts)
+
+        impls = _impls_of(lambda: ops.instance_norm_assign(layers, frame_index, codebook, counts),
+                          {"fused (triton)": "triton"})  # fmt: skip
+        impls["reference eager"] = _impls_of(reference, {"": "reference"})[""]
+        _add_compiled(impls, "reference compiled", _impls_of(reference, {"": "reference"})[""])
+        if official is not None:
+            impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
+        for impl, fn in impls.items():
+            _time(results, "codebook targets", shape, impl, fn, device, bytes_moved=nbytes)
+
+
+def _official_targets(official, layers, frame_index, codebook):
+    """The official path: per layer, instance norm over time, masked-frame selection, Codebooks.quantize (with its
+    statistics and update)."""
+    codebooks = _official_codebooks(official, codebook)
+    batch, frames = layers.shape[1:3]
+    targets = [F.instance_norm(layer.float().transpose(1, 2)).transpose(1, 2).flatten(0, 1)[frame_index]
+               for layer in layers]  # fmt: skip
+    return codebooks.quantize(targets)
+
+
+@functools.cache
+def _official_codebooks_for(official, device, dim, k, layers):
+    from spidr.models.components import Codebook, Codebooks
+
+    return Codebooks([Codebook(dim, k, 0.9) for _ in range(layers)]).to(device).train()
+
+
+def _official_codebooks(official, codebook):
+    return _official_codebooks_for(official, codebook.device, codebook.shape[2], codebook.shape[1], codebook.shape[0])
+
+
+def bench_ema_update(results, device, official):
+    codebook = torch.randn(LAYERS, CODEWORDS, DIM, device=device)
+    counts = torch.rand(LAYERS, CODEWORDS, device=device) + 1
+    batch_counts = torch.randint(0, 3, (LAYERS, CODEWORDS), device=device).float()
+    batch_sums = torch.randn(LAYERS, CODEWORDS, DIM, device=device)
+    shape = f"L{LAYERS} K{CODEWORDS} D{DIM}"
+    nbytes = (3 * codebook.numel() + 3 * counts.numel()) * 4
+
+    def update():
+        ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)
+
+    impls = _impls_of(update, {"fused (triton)": "triton", "reference eager": "reference"})
+    _add_compiled(impls, "reference compiled", _impls_of(update, {"": "reference"})[""])
+    if official is not None:
+        codebooks = _official_codebooks(official, codebook)
+        impls["official eager"] = lambda: [cb.update(c, m) for cb, c, m in zip(codebooks, batch_counts, batch_sums)]
+    for impl, fn in impls.items():
+        _time(results, "ema update", shape, impl, fn, device, bytes_moved=nbytes)
+
+
+def bench_heads(results, device, sizes, dtype):
+    for n in sizes:
+        x = torch.randn(LAYERS, n, DIM, device=device, dtype=dtype, requires_grad=True)
+        weight = (torch.randn(LAYERS, CODEWORDS, DIM, device=device, dtype=dtype) * DIM**-0.5).requires_grad_()
+        bias = torch.zeros(LAYERS, CODEWORDS, device=device, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, CODEWORDS, (LAYERS, n), device=device)
+        shape = f"L{LAYERS} N{n} D{DIM} K{CODEWORDS}"
+        flops = 6 * LAYERS * n * DIM * CODEWORDS
+
+        def fused_step():
+            loss, _ = ops.heads_cross_entropy(x, weight, bias, labels)
+            loss.sum().backward()
+
+        def linear_cross_entropy():  # torch's public fused alternative, one head at a time
+            loss = sum(F.linear_cross_entropy(x[i], weight[i], labels[i], linear_bias=bias[i], reduction="sum")
+                       for i in range(LAYERS))  # fmt: skip
+            loss.backward()
+
+        impls = _impls_of(fused_step, {"fused (triton)": "triton", "reference eager": "reference"})
+        _add_compiled(impls, "reference compiled", _impls_of(fused_step, {"": "reference"})[""])
+        impls["F.linear_cross_entropy"] = linear_cross_entropy
+        for impl, fn in impls.items():
+            _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)
+
+
+def bench_attention(results, device, frames_list, dtype, heads, head_dim):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for batch, frames in frames_list:
+        shape = f"B{batch} T{frames} H{heads} d{head_dim}"
+        flops_forward = 4 * batch * frames**2 * heads * head_dim
+        q, k, v = (torch.randn(batch, frames, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in "qkv")  # fmt: skip
+        grad = torch.randn_like(q)
+        cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=device)
+        packed = [t.detach().flatten(0, 1).requires_grad_() for t in (q, k, v)]
+
+        def ours():
+            return flash_attention.flash_attention_varlen(*packed, cu_seqlens, frames)
+
+        def sdpa(backend):
+            def run():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+
+            return run
+
+        impls = {"ours (csrc)": (ours, packed)}
+        for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                              ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA math", SDPBackend.MATH)):  # fmt: skip
+            if device.type == "cuda" and backend == SDPBackend.MATH:
+                continue
+            impls[name] = (sdpa(backend), (q, k, v))
+        for impl, (forward, inputs) in impls.items():
+            reason = flash_attention.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
+            if reason is not None:
+                for case in ("attention fwd", "attention bwd"):
+                    results.add(case, shape, impl, None, note=reason)
+                continue
+            _time(results, "attention fwd", shape, impl, forward, device, flops=flops_forward)
+            failure = try_run(forward)
+            if failure:
+                results.add("attention bwd", shape, impl, None, note=failure)
+                continue
+            out = forward()
+            out_grad = grad if out.shape == grad.shape else grad.flatten(0, 1) if out.dim() == 3 else grad.transpose(1, 2)
+            backward = lambda: torch.autograd.grad(out, inputs, out_grad, retain_graph=True)  # noqa: E731
+            _time(results, "attention bwd", shape, impl, backward, device, flops=2.5 * flops_forward)
+
+
+def main(argv: list[str] | None = None) -> Results:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
+    parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
+    parser.add_argument("--only", nargs="*", default=None, help="cases to run: targets ema heads attention")
+    args = parser.parse_args(argv)
+    global LAYERS, DIM, CODEWORDS, SMOKE  # noqa: PLW0603 - the sizes of this run
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = SMOKE = args.smoke or device.type != "cuda"
+    dtype = torch.bfloat16
+    official = import_official()
+    results = Results("kernels", device, measure_peaks(device))
+    results.extra["official_spidr"] = "0.2.0 imported" if official else "not importable: official columns absent"
+    only = set(args.only or ["targets", "ema", "heads", "attention"])
+    if smoke:  # SpidR's channel counts, few frames: every path runs, quickly, also in Triton's interpreter
+        LAYERS, DIM, CODEWORDS = 2, 64, 16
+        frames_list, head_sizes, attention_list = [(2, 37)], [53], [(2, 40)]
+    else:
+        frames_list = [(48, 250), (24, 500), (12, 1000)]  # about 12k frames: the official per-GPU batch
+        head_sizes = [1024, 7200, 16384]
+        attention_list = [(48, 250), (24, 500), (12, 1000)]
+    if "targets" in only:
+        bench_codebook_targets(results, device, frames_list, dtype, official)
+    if "ema" in only:
+        bench_ema_update(results, device, official)
+    if "heads" in only:
+        bench_heads(results, device, head_sizes, dtype)
+    if "attention" in only:
+        bench_attention(results, device, attention_list, dtype, heads=12 if not smoke else 2, head_dim=64)
+    results.print_table()
+    results.write(None if args.output is None else Path(args.output))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""A full SpidR training step, side by side: the official spidr 0.2.0 model and spidr_fast's, same config,
+same weights, same batch, same dtype, in one process.
+
+    python -m benchmarks.train_step            # on a GPU: spidr-base at the official per-GPU batch
+    python -m benchmarks.train_step --smoke    # a tiny model and batch (the default without a GPU)
+
+A step is what the official loop does: bf16 autocast forward (student, teacher, codebook assignment and EMA
+codebook update), backward, gradient clipping, fused AdamW, teacher EMA. Variants: official eager, official
+compiled (`model.compile(dynamic=True)`, as its train.py), ours eager on the reference ops, ours compiled on the
+reference ops, ours compiled with the fused ops (Triton + our flash-attention). Reported: ms/step (median),
+frames/s, model FLOPs utilisation against the bf16 matmul peak measured in the same run, the projected hours for
+400k steps (per-GPU step time; data-parallel communication not included), and a per-phase breakdown of our
+eager step.
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.common import Results, import_official, measure_peaks, median_ms, try_run  # noqa: E402
+from spidr_fast import ops  # noqa: E402
+from spidr_fast.data.masking import MaskingConfig, compute_mask_indices  # noqa: E402
+from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
+from spidr_fast.models.components import num_frames  # noqa: E402
+from spidr_fast.train.loop import compile_encoders  # noqa: E402
+
+TOTAL_STEPS = 400_000
+SMOKE_CONFIG = dict(
+    extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)], encoder_embed_dim=128,
+    encoder_num_heads=2, encoder_num_layers=4, encoder_ff_interm_features=256, encoder_pos_conv_kernel=16,
+    encoder_pos_conv_groups=4, encoder_pos_conv_depth=2, codebook_size=32, num_codebooks=2,
+)  # fmt: skip
+
+
+def step_flops(cfg: SpidRConfig, batch: int, samples: int, masked: int) -> dict[str, float]:
+    """Model FLOPs of one step (multiply-add = 2), by part; backward = 2× forward for what trains."""
+    flops: dict[str, float] = {}
+    length, channels, extractor = samples, 1, 0.0
+    for out_channels, kernel, stride in cfg.extractor_conv_layer_config:
+        length = (length - kernel) // stride + 1
+        extractor += 2 * channels * out_channels * kernel * length * batch
+        channels = out_channels
+    frames = length
+    d, f = cfg.encoder_embed_dim, cfg.encoder_ff_interm_features
+    tokens = batch * frames
+    projection = 2 * tokens * channels * d
+    positional = 2 * tokens * d * (d // cfg.encoder_pos_conv_groups) * cfg.encoder_pos_conv_kernel
+    positional *= cfg.encoder_pos_conv_depth
+    dense = 2 * tokens * (4 * d * d + 2 * d * f) * cfg.encoder_num_layers
+    attention = 4 * batch * frames**2 * d * cfg.encoder_num_layers
+    flops["feature extractor (fwd+bwd)"] = 3 * (extractor + projection)
+    flops["student (fwd+bwd)"] = 3 * (positional + dense + attention)
+    flops["  of which attention"] = 3 * attention
+    flops["teacher (fwd)"] = positional + dense + attention
+    flops["heads (fwd+bwd)"] = 3 * 2 * masked * d * cfg.codebook_size * cfg.num_codebooks
+    flops["total"] = sum(v for k, v in flops.items() if not k.startswith(" "))
+    return flops
+
+
+@dataclasses.dataclass
+class Batch:
+    waveforms: torch.Tensor
+    mask_indices: torch.Tensor
+
+
+def make_batch(cfg: SpidRConfig, batch: int, samples: int, device: torch.device) -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    frames = int(num_frames(cfg, torch.tensor(samples)))
+    lengths = torch.full((batch,), frames, dtype=torch.int64)
+    mask_indices = compute_mask_indices(MaskingConfig(), lengths, generator)
+    waveforms = torch.randn(batch, samples, generator=generator)
+    return Batch(waveforms.to(device), mask_indices.to(device))
+
+
+class PhaseTimer:
+    """Times named phases of a step; on a GPU with CUDA events, read once after the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.spans = device, defaultdict(list)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans[name].append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.spans[name].append((start, time.perf_counter()))
+
+    def wrap(self, owner: object, attribute: str, name: str) -> Callable[[], None]:
+        """Time every call of owner.attribute as `name`; returns the undo."""
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+        return lambda: setattr(owner, attribute, original)
+
+    def milliseconds(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return {k: sum(s.elapsed_time(e) for s, e in v) for k, v in self.spans.items()}
+        return {k: sum(e - s for s, e in v) * 1000 for k, v in self.spans.items()}
+
+
+def make_step(model, batch: Batch, dtype: torch.dtype, timer: PhaseTimer | None = None) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = batch.waveforms.is_cuda
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+    phase = timer.phase if timer else lambda _name: contextlib.nullcontext()
+    counter = [0]
+
+    def step() -> None:
+        with torch.autocast(batch.waveforms.device.type, dtype):
+            loss, _ = model(batch.waveforms, mask_indices=batch.mask_indices)
+        with phase("backward"):
+            (loss.sum() / loss.numel()).backward()
+        with phase("optimizer (clip + AdamW)"):
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with phase("teacher EMA"):
+            counter[0] += 1
+            model.update_ema(counter[0])
+
+    return step
+
+
+def breakdown(model, batch: Batch, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """ms per phase of our eager step (the phases synchronise nothing; events are read after the step)."""
+    timer = PhaseTimer(device)
+    undo = [
+        timer.wrap(model, "_features", "feature extractor (fwd)"),
+        timer.wrap(model, "_student_predictions", "student (fwd)"),
+        timer.wrap(model.teacher, "get_intermediate_outputs", "teacher (fwd)"),
+        timer.wrap(model.codebooks, "assign_layers", "codebooks: norm + assign"),
+        timer.wrap(model.codebooks, "update_", "codebooks: EMA update"),
+        timer.wrap(ops, "heads_cross_entropy", "heads + loss (fwd)"),
+    ]
+    step = make_step(model, batch, dtype, timer)
+    step()  # warm-up
+    timer.spans.clear()
+    with timer.phase("whole step"):
+        step()
+    for restore in undo:
+        restore()
+    return timer.milliseconds()
+
+
+def main(argv: list[str] | None = None) -> Results:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
+    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 12 on a GPU)")
+    parser.add_argument("--seconds", type=float, default=None, help="clip length (default: 20 s on a GPU)")
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. 'official compiled'")
+    parser.add_argument("--output", type=str, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or device.type != "cuda"
+    # The official per-GPU batch: 3.8M samples, about 12 clips of 20 s at 16 kHz.
+    batch_size = args.batch or (2 if smoke else 12)
+    samples = int((args.seconds or (0.5 if smoke else 20.0)) * 16000)
+    dtype = torch.bfloat16
+    cfg = SpidRConfig(**SMOKE_CONFIG) if smoke else SpidRConfig()
+    batch = make_batch(cfg, batch_size, samples, device)
+    masked = batch.mask_indices.numel()
+    frames = batch_size * int(num_frames(cfg, torch.tensor(samples)))
+    flops = step_flops(cfg, batch_size, samples, masked)
+    results = Results("train_step", device, measure_peaks(device))
+    shape = f"B{batch_size} x {samples / 16000:.1f}s ({frames} frames, {masked} masked)"
+
+    torch.manual_seed(0)
+    ours_template = SpidR(cfg).to(device).train()
+    variants: dict[str, Callable[[], Callable[[], None]]] = {}
+    official = import_official()
+    if official is not None:
+        from spidr.config import SpidRConfig as OfficialConfig
+
+        def official_model(compiled: bool):
+            model = official.models.SpidR(OfficialConfig(**dataclasses.asdict(cfg))).to(device).train()
+            model.load_state_dict(ours_template.state_dict(), strict=True)
+            if compiled:
+                model.compile(dynamic=True)
+            return make_step(model, batch, dtype)
+
+        variants["official eager"] = lambda: official_model(False)
+        if not smoke:
+            variants["official compiled"] = lambda: official_model(True)
+
+    def ours(backend: str | None, compiled: bool):
+        def build():
+            model = copy.deepcopy(ours_template)
+            if compiled:
+                compile_encoders(model)
+            step = make_step(model, batch, dtype)
+
+            def run() -> None:
+                previous = ops.forced_backend()
+                ops.set_backend(backend)
+                try:
+                    step()
+                finally:
+                    ops.set_backend(previous)
+
+            return run
+
+        return build
+
+    variants["ours eager (reference ops)"] = ours("reference", False)
+    if not smoke:  # compiling on a CPU takes minutes: the smoke run checks the eager paths only
+        variants["ours compiled (reference ops)"] = ours("reference", True)
+        variants["ours compiled + fused ops"] = ours(None, True)
+    else:
+        variants["ours eager + fused ops"] = ours(None, False)
+
+    times: dict[str, float | None] = {}
+    for name, build in variants.items():
+        if name in args.skip:
+            continue
+        step: Callable[[], None] | None = None
+        try:
+            step = build()
+            failure = try_run(step) or try_run(step)  # warm-up, compilation included
+        except Exception as error:  # noqa: BLE001 - a variant that cannot run here is a result
+            failure = f"{type(error).__name__}: {error}"[:160]
+        ms = None if failure else median_ms(step, device=device, rep_ms=3000 if not smoke else 300, min_runs=5)
+        times[name] = ms
+        row = results.add("train step", shape, name, ms, flops=flops["total"], note=failure or "")
+        if ms is not None:
+            row.note = f"{frames / ms * 1000:,.0f} frames/s, {ms * TOTAL_STEPS / 3.6e6:.1f} h for 400k steps"
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    baseline = times.get("official compiled") or times.get("official eager")
+    if baseline:
+        results.extra["speedup_vs_official"] = {k: baseline / v for k, v in times.items() if v}
+    results.extra["flops_per_step"] = flops
+    previous = ops.forced_backend()
+    ops.set_backend("reference")
+    try:
+        results.extra["breakdown_ms_ours_eager_reference"] = breakdown(copy.deepcopy(ours_template), batch, dtype, device)
+    finally:
+        ops.set_backend(previous)
+    results.print_table()
+    if baseline:
+        for name, ratio in results.extra["speedup_vs_official"].items():
+            print(f"  {name:<32} {ratio:5.2f}x the official {'compiled' if times.get('official compiled') else 'eager'} step")
+    print("model FLOPs per step:")
+    for part, value in flops.items():
+        print(f"  {part:<30} {value / 1e12:9.3f} TFLOP")
+    print("breakdown of our eager step (ms):")
+    for part, ms in results.extra["breakdown_ms_ours_eager_reference"].items():
+        print(f"  {part:<30} {ms:9.2f}")
+    results.write(None if args.output is None else Path(args.output))
+    return results
+
+
+if __name__ == "__main__":
+    main()

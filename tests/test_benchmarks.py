@@ -1,0 +1,45 @@
+"""The benchmarks run (CPU smoke sizes), write their results, and the README's table is generated from them."""
+
+import json
+
+from benchmarks import kernels, report, train_step
+
+
+def test_kernels_smoke_run_writes_results(tmp_path):
+    out = tmp_path / "kernels.json"
+    kernels.main(["--smoke", "--output", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["cpu_smoke_run"] is (payload["environment"]["device"].startswith("CPU"))
+    impls = {(row["case"], row["impl"]) for row in payload["rows"] if row["ms"] is not None}
+    for case in ("codebook targets", "ema update", "heads CE fwd+bwd"):
+        assert (case, "fused (triton)") in impls and (case, "reference eager") in impls
+    assert ("heads CE fwd+bwd", "F.linear_cross_entropy") in impls
+
+
+def test_train_step_smoke_run_compares_with_the_official(tmp_path, official):
+    out = tmp_path / "train_step.json"
+    train_step.main(["--smoke", "--output", str(out)])
+    payload = json.loads(out.read_text())
+    measured = {row["impl"]: row for row in payload["rows"] if row["ms"] is not None}
+    assert {"official eager", "ours eager (reference ops)", "ours eager + fused ops"} <= set(measured)
+    assert payload["speedup_vs_official"]["official eager"] == 1.0
+    assert payload["flops_per_step"]["total"] > 0
+    assert payload["breakdown_ms_ours_eager_reference"]["whole step"] > 0
+
+
+def test_readme_performance_table_is_generated_from_the_results():
+    assert report.main(["--check"]) == 0
+
+
+def test_report_renders_gpu_results_only(tmp_path):
+    row = {"case": "c", "shape": "s", "impl": "i", "ms": 1.0, "gb_per_s": None, "tflop_per_s": 2.0,
+           "share_of_peak": 0.5, "note": ""}  # fmt: skip
+    env = {"device": "NVIDIA H100", "date": "2026-11-27T00:00:00+00:00", "commit": "abc", "torch": "2.11",
+           "triton": "3.6"}  # fmt: skip
+    for name, smoke in (("gpu.json", False), ("cpu.json", True)):
+        payload = {"benchmark": "kernels", "environment": env, "peaks": {"copy_gb_per_s": 3000,
+                   "bf16_matmul_tflop_per_s": 700}, "cpu_smoke_run": smoke, "rows": [row]}  # fmt: skip
+        (tmp_path / name).write_text(json.dumps(payload))
+    results = report.newest_gpu_results(tmp_path)
+    assert [r["file"] for r in results] == ["gpu.json"]
+    assert "| c | s | i | 1.000 | – | 2.0 | 50% |  |" in report.table(results)
