@@ -21,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+SMOKE_DIR = ROOT / ".benchmarks" / "smoke"  # ignored by git
 CPU_DISCLAIMER = "CPU smoke run: these times check that the code runs; they say nothing about GPU speed."
 
 
@@ -135,14 +136,16 @@ class Results:
         print("-" * len(header))
         fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
         for r in self.rows:
+            note = f"  {r.note}" if r.note else ""
             print(f"{r.case:<26} {r.shape:<30} {r.impl:<28} {fmt(r.ms, '.3f', 9)} {fmt(r.gb_per_s, '.0f', 8)} "
-                  f"{fmt(r.tflop_per_s, '.1f', 8)} {fmt(r.share_of_peak, '.0%', 6)}" + (f"  {r.note}" if r.note else ""))  # fmt: skip
+                  f"{fmt(r.tflop_per_s, '.1f', 8)} {fmt(r.share_of_peak, '.0%', 6)}{note}")  # fmt: skip
 
     def write(self, path: Path | None = None) -> Path:
         env = environment(self.device)
         if path is None:
             card = str(env["device"]).split("(")[0].strip().replace(" ", "-").lower()
-            path = RESULTS_DIR / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
+            folder = RESULTS_DIR if self.device.type == "cuda" else SMOKE_DIR  # smoke runs are not committed
+            path = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"benchmark": self.benchmark, "environment": env, "command": " ".join(sys.argv),
                    "peaks": asdict(self.peaks), "cpu_smoke_run": self.device.type != "cuda",

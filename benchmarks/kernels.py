@@ -167,14 +167,14 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
 
             return run
 
-        impls = {"ours (csrc)": (ours, packed)}
+        impls = {"ours (csrc)": (ours, packed, grad.flatten(0, 1))}
         for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
                               ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA math", SDPBackend.MATH)):  # fmt: skip
             if device.type == "cuda" and backend == SDPBackend.MATH:
                 continue
-            impls[name] = (sdpa(backend), (q, k, v))
-        for impl, (forward, inputs) in impls.items():
+            impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
+        for impl, (forward, inputs, out_grad) in impls.items():
             reason = flash_attention.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
             if reason is not None:
                 for case in ("attention fwd", "attention bwd"):
@@ -186,8 +186,7 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
                 results.add("attention bwd", shape, impl, None, note=failure)
                 continue
             out = forward()
-            out_grad = grad if out.shape == grad.shape else grad.flatten(0, 1) if out.dim() == 3 else grad.transpose(1, 2)
-            backward = lambda: torch.autograd.grad(out, inputs, out_grad, retain_graph=True)  # noqa: E731
+            backward = functools.partial(torch.autograd.grad, out, inputs, out_grad, retain_graph=True)
             _time(results, "attention bwd", shape, impl, backward, device, flops=2.5 * flops_forward)
 
 

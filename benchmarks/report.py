@@ -35,8 +35,10 @@ def _cell(value: float | None, spec: str) -> str:
 
 def table(results: list[dict]) -> str:
     if not results:
-        return ("No GPU results are committed yet: run `bash benchmarks/device_check.sh` on a GPU machine, copy its "
-                "`kernels.json` and `train_step.json` into `benchmarks/results/`, then `python -m benchmarks.report`.")  # fmt: skip
+        return (
+            "No GPU results are committed yet: run `bash benchmarks/device_check.sh` on a GPU machine, copy its "
+            "`kernels.json` and `train_step.json` into `benchmarks/results/`, then `python -m benchmarks.report`."
+        )
     lines = []
     for payload in results:
         env = payload["environment"]

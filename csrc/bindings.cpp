@@ -26,8 +26,8 @@ namespace {
 using TensorView = std::tuple<uintptr_t, int64_t, int64_t>;  // (address, token stride, head stride)
 
 void fill_common(spidr::AttentionParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
-                 uintptr_t cu_seqlens, int batch, int heads, int head_dim, int max_seqlen, int total_tokens,
-                 double softmax_scale, double dropout_p, uintptr_t rng_state) {
+                 uintptr_t cu_seqlens, uintptr_t key_mask, int batch, int heads, int head_dim, int max_seqlen,
+                 int total_tokens, double softmax_scale, double dropout_p, uintptr_t rng_state) {
   if (!(dropout_p >= 0.0 && dropout_p < 1.0)) throw std::invalid_argument("dropout_p must be in [0, 1)");
   p.q = reinterpret_cast<const void*>(std::get<0>(q));
   p.k = reinterpret_cast<const void*>(std::get<0>(k));
@@ -36,6 +36,7 @@ void fill_common(spidr::AttentionParams& p, const TensorView& q, const TensorVie
   std::tie(std::ignore, p.k_token_stride, p.k_head_stride) = k;
   std::tie(std::ignore, p.v_token_stride, p.v_head_stride) = v;
   p.cu_seqlens = reinterpret_cast<const int32_t*>(cu_seqlens);
+  p.key_mask = reinterpret_cast<const uint8_t*>(key_mask);
   p.batch = batch;
   p.heads = heads;
   p.head_dim = head_dim;
@@ -49,39 +50,51 @@ void fill_common(spidr::AttentionParams& p, const TensorView& q, const TensorVie
   if (p.dropout && rng_state == 0) throw std::invalid_argument("dropout needs rng_state");
 }
 
-template <typename Run64, typename Run128>
-void dispatch(const std::string& dtype, int head_dim, Run64 run64, Run128 run128) {
-  if (dtype != "bfloat16" && dtype != "float16") throw std::invalid_argument("dtype must be bfloat16 or float16");
-  if (head_dim == 64) return run64(dtype == "bfloat16");
-  if (head_dim == 128) return run128(dtype == "bfloat16");
-  throw std::invalid_argument("head_dim must be 64 or 128, got " + std::to_string(head_dim));
+template <typename Element, int HeadDim>
+void run(const ForwardParams& p, uintptr_t stream) {
+  spidr::run_forward<Element, HeadDim>(p, stream);
+}
+
+template <typename Element, int HeadDim>
+void run(const BackwardParams& p, uintptr_t stream) {
+  spidr::run_backward<Element, HeadDim>(p, stream);
+}
+
+template <typename Params>
+void dispatch(const std::string& dtype, int head_dim, const Params& p, uintptr_t stream) {
+  const bool bf16 = dtype == "bfloat16";
+  if (!bf16 && dtype != "float16") throw std::invalid_argument("dtype must be bfloat16 or float16, got " + dtype);
+  if (head_dim != 64 && head_dim != 128)
+    throw std::invalid_argument("head_dim must be 64 or 128, got " + std::to_string(head_dim));
+  py::gil_scoped_release release;
+  if (head_dim == 64) {
+    bf16 ? run<spidr::Bf16, 64>(p, stream) : run<spidr::Fp16, 64>(p, stream);
+  } else {
+    bf16 ? run<spidr::Bf16, 128>(p, stream) : run<spidr::Fp16, 128>(p, stream);
+  }
 }
 
 void forward(const std::string& dtype, const TensorView& q, const TensorView& k, const TensorView& v,
-             const TensorView& out, uintptr_t lse, uintptr_t cu_seqlens, int batch, int heads, int head_dim,
-             int max_seqlen, int total_tokens, double softmax_scale, double dropout_p, uintptr_t rng_state,
-             uintptr_t stream) {
+             const TensorView& out, uintptr_t lse, uintptr_t cu_seqlens, uintptr_t key_mask, int batch, int heads,
+             int head_dim, int max_seqlen, int total_tokens, double softmax_scale, double dropout_p,
+             uintptr_t rng_state, uintptr_t stream) {
   ForwardParams p{};
-  fill_common(p, q, k, v, cu_seqlens, batch, heads, head_dim, max_seqlen, total_tokens, softmax_scale, dropout_p,
-              rng_state);
+  fill_common(p, q, k, v, cu_seqlens, key_mask, batch, heads, head_dim, max_seqlen, total_tokens, softmax_scale,
+              dropout_p, rng_state);
   p.out = reinterpret_cast<void*>(std::get<0>(out));
   std::tie(std::ignore, p.out_token_stride, p.out_head_stride) = out;
   p.lse = reinterpret_cast<float*>(lse);
-  py::gil_scoped_release release;
-  dispatch(
-      dtype, head_dim,
-      [&](bool bf16) { bf16 ? spidr::run_forward<spidr::Bf16, 64>(p, stream) : spidr::run_forward<spidr::Fp16, 64>(p, stream); },
-      [&](bool bf16) { bf16 ? spidr::run_forward<spidr::Bf16, 128>(p, stream) : spidr::run_forward<spidr::Fp16, 128>(p, stream); });
+  dispatch(dtype, head_dim, p, stream);
 }
 
 void backward(const std::string& dtype, const TensorView& q, const TensorView& k, const TensorView& v,
               const TensorView& out, const TensorView& grad_out, uintptr_t lse, uintptr_t delta,
               uintptr_t grad_q_accum, uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, uintptr_t cu_seqlens,
-              int batch, int heads, int head_dim, int max_seqlen, int total_tokens, double softmax_scale,
-              double dropout_p, uintptr_t rng_state, uintptr_t stream) {
+              uintptr_t key_mask, int batch, int heads, int head_dim, int max_seqlen, int total_tokens,
+              double softmax_scale, double dropout_p, uintptr_t rng_state, uintptr_t stream) {
   BackwardParams p{};
-  fill_common(p, q, k, v, cu_seqlens, batch, heads, head_dim, max_seqlen, total_tokens, softmax_scale, dropout_p,
-              rng_state);
+  fill_common(p, q, k, v, cu_seqlens, key_mask, batch, heads, head_dim, max_seqlen, total_tokens, softmax_scale,
+              dropout_p, rng_state);
   p.out = reinterpret_cast<const void*>(std::get<0>(out));
   std::tie(std::ignore, p.out_token_stride, p.out_head_stride) = out;
   p.grad_out = reinterpret_cast<const void*>(std::get<0>(grad_out));
@@ -94,11 +107,7 @@ void backward(const std::string& dtype, const TensorView& q, const TensorView& k
   p.grad_v = reinterpret_cast<void*>(grad_v);
   p.grad_token_stride = int64_t(heads) * head_dim;  // the gradients are allocated contiguous
   p.grad_head_stride = head_dim;
-  py::gil_scoped_release release;
-  dispatch(
-      dtype, head_dim,
-      [&](bool bf16) { bf16 ? spidr::run_backward<spidr::Bf16, 64>(p, stream) : spidr::run_backward<spidr::Fp16, 64>(p, stream); },
-      [&](bool bf16) { bf16 ? spidr::run_backward<spidr::Bf16, 128>(p, stream) : spidr::run_backward<spidr::Fp16, 128>(p, stream); });
+  dispatch(dtype, head_dim, p, stream);
 }
 
 }  // namespace
@@ -116,12 +125,13 @@ PYBIND11_MODULE(_flash_attn, m) {
   m.attr("block_rows") = 64;
   m.def("forward", &forward, "Forward: out and lse (heads, total_tokens) from packed q, k, v", py::arg("dtype"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"),
-        py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("max_seqlen"), py::arg("total_tokens"),
-        py::arg("softmax_scale"), py::arg("dropout_p"), py::arg("rng_state"), py::arg("stream"));
+        py::arg("key_mask"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("max_seqlen"),
+        py::arg("total_tokens"), py::arg("softmax_scale"), py::arg("dropout_p"), py::arg("rng_state"),
+        py::arg("stream"));
   m.def("backward", &backward, "Backward: dq, dk, dv (contiguous) from dout, with the forward's out and lse",
         py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("grad_out"),
         py::arg("lse"), py::arg("delta"), py::arg("grad_q_accum"), py::arg("grad_q"), py::arg("grad_k"),
-        py::arg("grad_v"), py::arg("cu_seqlens"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"),
-        py::arg("max_seqlen"), py::arg("total_tokens"), py::arg("softmax_scale"), py::arg("dropout_p"),
-        py::arg("rng_state"), py::arg("stream"));
+        py::arg("grad_v"), py::arg("cu_seqlens"), py::arg("key_mask"), py::arg("batch"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("max_seqlen"), py::arg("total_tokens"), py::arg("softmax_scale"),
+        py::arg("dropout_p"), py::arg("rng_state"), py::arg("stream"));
 }

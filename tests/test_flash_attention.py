@@ -63,7 +63,8 @@ def check_forward_backward(lengths, heads, head_dim, dtype, dropout_p, device="c
     for name, mine, low, ref in zip(("out", "dq", "dk", "dv"), ours, torch_low, exact):
         assert mine.dtype == dtype and mine.shape == ref.shape
         floor = 2e-3 if dtype == torch.float16 else 1.6e-2
-        assert max_error(mine, ref) <= 2 * max_error(low, ref) + floor, (name, max_error(mine, ref), max_error(low, ref))
+        ours_error, torch_error = max_error(mine, ref), max_error(low, ref)
+        assert ours_error <= 2 * torch_error + floor, (name, ours_error, torch_error)
 
 
 LENGTHS = [1, 70, 0, 130, 5]  # empty, single-token, one partial tile, several tiles, ragged
@@ -85,7 +86,7 @@ def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
     q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.float16) for _ in "qkv")
     cu_seqlens = cu_seqlens_of(lengths)
     rng_state = torch.zeros(2, dtype=torch.int64)
-    _, lse = flash_attention._forward_op(q, k, v, cu_seqlens, rng_state, max(lengths), 0.0, 0.125)
+    _, lse = flash_attention._forward_op(q, k, v, cu_seqlens, None, rng_state, max(lengths), 0.0, 0.125)
     expected = []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         logits = q[start:end].float().transpose(0, 1) @ k[start:end].float().transpose(0, 1).transpose(1, 2)
@@ -123,7 +124,10 @@ def test_dropout_keep_rate_is_within_statistical_bounds(dropout_p):
 def test_dropout_is_deterministic_per_rng_state(emulated_flash):
     q, k, v = (torch.randn(40, 2, 64, dtype=torch.bfloat16) for _ in "qkv")
     cu_seqlens = cu_seqlens_of([40])
-    run = lambda seed: flash_attention_varlen(q, k, v, cu_seqlens, 40, dropout_p=0.3, rng_state=torch.tensor(seed))  # noqa: E731
+
+    def run(seed):
+        return flash_attention_varlen(q, k, v, cu_seqlens, 40, dropout_p=0.3, rng_state=torch.tensor(seed))
+
     assert torch.equal(run([5, 0]), run([5, 0]))
     assert not torch.equal(run([5, 0]), run([6, 0]))
     assert not torch.equal(run([5, 0]), run([5, 1]))  # the offset moves the counter
@@ -133,21 +137,51 @@ def test_dropout_is_deterministic_per_rng_state(emulated_flash):
     assert torch.equal(first, flash_attention_varlen(q, k, v, cu_seqlens, 40, dropout_p=0.3))
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "ragged"])
-def test_ops_attention_padded_runs_the_kernel_and_matches_sdpa(emulated_flash, mask_kind):
-    batch, frames, heads = 3, 37, 2
-    qkv = torch.randn(batch, frames, 3, heads, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("mask_kind", ["none", "right-padded", "arbitrary"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_kind, dropout_p):
+    """Padded queries too: the official model's later layers and instance-normalised targets read them."""
+    batch, frames, heads = 3, 70, 2
+    qkv = torch.randn(batch, frames, 3, heads, 64, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = qkv.unbind(2)  # strided views, as the model's fused projection gives them
-    mask = None
-    if mask_kind == "ragged":
-        mask = torch.arange(frames) < torch.tensor([37, 1, 20])[:, None]
-    out = ops.attention(q, k, v, key_padding_mask=mask)
-    ops.set_backend("reference")
-    expected = ops.attention(q.float(), k.float(), v.float(), key_padding_mask=mask)
-    ops.set_backend("cuda")
+    mask = {"none": None, "right-padded": torch.arange(frames) < torch.tensor([70, 1, 20])[:, None],
+            "arbitrary": torch.rand(batch, frames) < 0.6}[mask_kind]  # fmt: skip
+    rng_state = torch.tensor([77, 0])
+    out = flash_attention.flash_attention_padded(q, k, v, mask, dropout_p=dropout_p, rng_state=rng_state)
+    grad = torch.randn_like(out)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
+
+    exact = qkv.detach().float().requires_grad_()
+    eq, ek, ev = (t.transpose(1, 2) for t in exact.unbind(2))
+    logits = eq @ ek.transpose(-1, -2) * 64**-0.5
     if mask is not None:
-        expected = expected * mask[..., None, None]
-    assert max_error(out, expected) < 2e-2
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = torch.softmax(logits, -1)
+    if dropout_p:
+        keep = torch.stack([dropout_keep_mask(rng_state, heads, b * frames, frames, dropout_p) for b in range(batch)])
+        weights = weights * keep / (1 - dropout_p)
+    expected = (weights @ ev).transpose(1, 2)
+    (expected_grad,) = torch.autograd.grad(expected, exact, grad.float())
+    for mine, ref in ((out, expected), (grad_qkv, expected_grad)):  # bf16 rounding, relative to the magnitude
+        assert max_error(mine, ref) <= 1e-2 * ref.abs().max().item() + 1e-2
+
+
+def test_ops_attention_dispatches_padded_inputs_to_the_kernel(emulated_flash, monkeypatch):
+    calls = []
+    monkeypatch.setattr(flash_attention, "_forward_op", _counting(flash_attention._forward_op, calls))
+    q = torch.randn(2, 9, 2, 64, dtype=torch.float16)
+    mask = torch.arange(9) < torch.tensor([9, 4])[:, None]
+    out = ops.attention(q, q, q, key_padding_mask=mask)
+    ops.set_backend("reference")
+    torch.testing.assert_close(out, ops.attention(q, q, q, key_padding_mask=mask), atol=2e-3, rtol=0)
+    assert len(calls) == 1
+
+
+def test_a_row_without_real_keys_gets_zeros(emulated_flash):
+    q = torch.randn(2, 5, 1, 64, dtype=torch.bfloat16)
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    out = flash_attention.flash_attention_padded(q, q, q, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
 
 
 def test_ops_attention_packed_checks_cu_seqlens_before_the_kernel(emulated_flash):
@@ -212,6 +246,7 @@ def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
 
 def test_model_attention_goes_through_the_kernel(emulated_flash, monkeypatch):
     from spidr_fast.models import SpidR, SpidRConfig
+    from spidr_fast.models.components import num_frames
 
     from conftest import TINY
 
@@ -220,12 +255,14 @@ def test_model_attention_goes_through_the_kernel(emulated_flash, monkeypatch):
     waveform = torch.randn(2, 4000, dtype=torch.bfloat16)
     calls = []
     monkeypatch.setattr(flash_attention, "_forward_op", _counting(flash_attention._forward_op, calls))
+    frames = int(num_frames(cfg, torch.tensor(4000)))
+    padded = torch.arange(frames) < torch.tensor([frames, frames // 2])[:, None]  # the second clip is shorter
     with torch.no_grad():
-        fused = model.get_intermediate_outputs(waveform)
+        fused = model.get_intermediate_outputs(waveform, attention_mask=padded)
         assert len(calls) == cfg.encoder_num_layers
         ops.set_backend("reference")
-        reference = model.get_intermediate_outputs(waveform)
-    for a, b in zip(fused, reference):
+        reference = model.get_intermediate_outputs(waveform, attention_mask=padded)
+    for a, b in zip(fused, reference):  # every frame, padded ones included
         assert max_error(a, b) < 0.1 * b.float().abs().max().item()
 
 

@@ -59,6 +59,11 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const int warp = thread_index() / kWarpSize, lane = thread_index() % kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int key_rows[2] = {warp * 16 + g, warp * 16 + g + 8};  // this lane's keys, within the tile
+  bool key_valid[2];
+  for (int r = 0; r < 2; ++r) {
+    int key = n0 + key_rows[r];
+    key_valid[r] = key < seqlen && (p.key_mask == nullptr || p.key_mask[start + key]);
+  }
 
   const auto* q = static_cast<const uint16_t*>(p.q) + int64_t(start) * p.q_token_stride + head * p.q_head_stride;
   const auto* k = static_cast<const uint16_t*>(p.k) + int64_t(start) * p.k_token_stride + head * p.k_head_stride;
@@ -134,7 +139,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       for (int i = 0; i < 4; ++i) {
         int query = nt * 8 + 2 * t + i % 2;
         int key = n0 + key_rows[i / 2];
-        float probability = key < seqlen ? fast_exp2(prob[nt][i] * scale_log2 - lse_tile[query] * kLog2e) : 0.0f;
+        float probability = key_valid[i / 2] ? fast_exp2(prob[nt][i] * scale_log2 - lse_tile[query] * kLog2e) : 0.0f;
         float dropped = probability, grad = grad_prob[nt][i];
         if constexpr (Dropout) {
           bool keep = draw_of(dropout_draws(p.rng_state, head, start + m0 + query, key / 4), key) >= p.drop_threshold;
@@ -208,8 +213,9 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     }
   }
 
-  auto* grad_k_out = static_cast<uint16_t*>(p.grad_k) + int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
-  auto* grad_v_out = static_cast<uint16_t*>(p.grad_v) + int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
+  const int64_t grad_offset = int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
+  auto* grad_k_out = static_cast<uint16_t*>(p.grad_k) + grad_offset;
+  auto* grad_v_out = static_cast<uint16_t*>(p.grad_v) + grad_offset;
   SPIDR_UNROLL
   for (int r = 0; r < 2; ++r) {
     int key = n0 + key_rows[r];

@@ -23,7 +23,8 @@ struct ForwardSmem {
   static constexpr int kKStride = HeadDim + 8;   // K tile, row-major (key, dim)
   static constexpr int kVtStride = kBlockN + 8;  // V tile, transposed (dim, key): the PV product's B operand
   static constexpr int kKElements = kBlockN * kKStride;
-  static constexpr int kBytes = (kKElements + HeadDim * kVtStride) * 2;
+  static constexpr int kElements = kKElements + HeadDim * kVtStride;
+  static constexpr int kBytes = kElements * 2 + kBlockN;  // + one validity byte per key of the tile
 };
 
 // Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into shared memory, zeros past
@@ -83,6 +84,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
 
   uint16_t* k_tile = dynamic_shared_memory();
   uint16_t* vt_tile = k_tile + Smem::kKElements;
+  auto* key_valid = reinterpret_cast<uint8_t*>(k_tile + Smem::kElements);
 
   float acc[kDimTiles][4];
   SPIDR_UNROLL
@@ -97,6 +99,8 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     sync_block();  // every warp is done with the previous tile
     load_tile<HeadDim, false>(k_tile, Smem::kKStride, k, p.k_token_stride, n0, seqlen);
     load_tile<HeadDim, true>(vt_tile, Smem::kVtStride, v, p.v_token_stride, n0, seqlen);
+    for (int key = thread_index(); key < kBlockN; key += kThreads)
+      key_valid[key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
     sync_block();
 
     float s[kBlockN / 8][4];
@@ -118,8 +122,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
-        int key = n0 + nt * 8 + 2 * t + i % 2;
-        if (key >= seqlen) s[nt][i] = -INFINITY;
+        if (!key_valid[nt * 8 + 2 * t + i % 2]) s[nt][i] = -INFINITY;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], s[nt][i]);
       }
     }
@@ -179,12 +182,13 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     total += shfl_xor(total, 1);
     total += shfl_xor(total, 2);
     if (rows[r] >= seqlen) continue;
-    float inverse = (Dropout ? p.keep_scale : 1.0f) / total;
+    float inverse = total > 0.0f ? (Dropout ? p.keep_scale : 1.0f) / total : 0.0f;  // no valid key: 0
     uint16_t* out_row = out + int64_t(rows[r]) * p.out_token_stride;
     SPIDR_UNROLL
     for (int dt = 0; dt < kDimTiles; ++dt)
       store_u32(out_row + dt * 8 + 2 * t, Element::pack(acc[dt][2 * r] * inverse, acc[dt][2 * r + 1] * inverse));
     if (t == 0) p.lse[int64_t(head) * p.total_tokens + start + rows[r]] = row_max[r] * p.softmax_scale + logf(total);
+    // (no valid key: lse = -inf, and the backward gives such a row's keys no probability either way)
   }
 }
 

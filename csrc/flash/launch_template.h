@@ -33,7 +33,8 @@ inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 template <typename Element, int HeadDim>
 void run_forward(const ForwardParams& p, uintptr_t stream) {
-  auto kernel = p.dropout ? &flash_forward_kernel<Element, HeadDim, true> : &flash_forward_kernel<Element, HeadDim, false>;
+  auto kernel =
+      p.dropout ? &flash_forward_kernel<Element, HeadDim, true> : &flash_forward_kernel<Element, HeadDim, false>;
   launch(kernel, ceil_div(p.max_seqlen, kBlockM), p.heads, p.batch, ForwardSmem<HeadDim>::kBytes, stream, p);
 }
 

@@ -15,6 +15,9 @@ struct AttentionParams {
   int64_t k_token_stride, k_head_stride;
   int64_t v_token_stride, v_head_stride;
   const int32_t* cu_seqlens;  // (batch + 1,)
+  // Optional (total_tokens,) bool: keys whose byte is 0 take no attention (SDPA's key_padding_mask). Queries are
+  // all computed, padded ones included, as SDPA computes them; a query with no valid key gets 0.
+  const uint8_t* key_mask;
   int batch, heads, head_dim, max_seqlen, total_tokens;
   float softmax_scale;
   // Dropout: keep an attention weight when its 32-bit Philox draw is >= drop_threshold (= dropout_p · 2^32);

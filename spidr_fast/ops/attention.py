@@ -5,8 +5,6 @@
 The output has q's layout.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -67,19 +65,13 @@ def _attention_flash(
     """The extension where it supports the inputs (see `flash_attention.unsupported_reason`), SDPA elsewhere."""
     if flash_attention.unsupported_reason(q) is not None:
         return _attention_reference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    run = functools.partial(flash_attention.flash_attention_varlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
     if cu_seqlens is not None:
         if not torch.compiler.is_compiling():  # user input: worth one host read of B + 1 integers
             flash_attention.check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-        return run(q, k, v, cu_seqlens, max_seqlen)
-    batch, frames = q.shape[:2]
-    if key_padding_mask is None:  # every row full: the padded layout is already packed, no copy
-        cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=q.device)
-        return run(*(t.flatten(0, 1) for t in (q, k, v)), cu_seqlens, frames).view(q.shape)
-    packed = padding.pack(q, key_padding_mask)
-    k, v = (padding.select_tokens(t, packed.token_index) for t in (k, v))
-    out = run(packed.tokens, k, v, packed.cu_seqlens, packed.max_seqlen)
-    return padding.unpack(out, packed.token_index, batch, frames)
+        return flash_attention.flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
+    # Padded: in place, masked keys skipped; padded queries get SDPA's values, which the model's later layers use.
+    return flash_attention.flash_attention_padded(q, k, v, key_padding_mask, **options)
 
 
 def attention(

@@ -91,6 +91,10 @@ def _view(tensor: torch.Tensor) -> tuple[int, int, int]:
     return tensor.data_ptr(), tensor.stride(0), tensor.stride(1)
 
 
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 def _stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream if tensor.is_cuda else 0
 
@@ -105,6 +109,7 @@ def _forward_op(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    key_mask: torch.Tensor | None,
     rng_state: torch.Tensor,
     max_seqlen: int,
     dropout_p: float,
@@ -116,14 +121,14 @@ def _forward_op(
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     _extension.forward(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), lse.data_ptr(), cu_seqlens.data_ptr(),
-        cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale, dropout_p,
+        _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale, dropout_p,
         rng_state.data_ptr(), _stream(q),
     )  # fmt: skip
     return out, lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, cu_seqlens, rng_state, max_seqlen, dropout_p, softmax_scale):
+def _(q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -136,6 +141,7 @@ def _backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    key_mask: torch.Tensor | None,
     rng_state: torch.Tensor,
     max_seqlen: int,
     dropout_p: float,
@@ -149,32 +155,54 @@ def _backward_op(
     _extension.backward(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), _view(grad_out), lse.data_ptr(),
         delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
-        cu_seqlens.data_ptr(), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale,
-        dropout_p, rng_state.data_ptr(), _stream(q),
+        cu_seqlens.data_ptr(), _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total,
+        softmax_scale, dropout_p, rng_state.data_ptr(), _stream(q),
     )  # fmt: skip
     return grad_q, grad_k, grad_v
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, rng_state, max_seqlen, dropout_p, softmax_scale):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, rng_state, max_seqlen, dropout_p, softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, rng_state)
+    q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, key_mask, rng_state)
     ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, key_mask, rng_state = ctx.saved_tensors
     grad_q, grad_k, grad_v = _backward_op(
-        grad_out, q, k, v, out, lse, cu_seqlens, rng_state, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale
+        grad_out, q, k, v, out, lse, cu_seqlens, key_mask, rng_state, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_layout(name, tensor)
+        if tensor.shape != q.shape or tensor.dtype != q.dtype:
+            raise ValueError(f"{name} must match q's shape and dtype {tuple(q.shape)} {q.dtype}, got "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")  # fmt: skip
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"spidr_fast's flash-attention cannot run: {reason}")
+
+
+def _rng_state(q: torch.Tensor, dropout_p: float, rng_state: torch.Tensor | None) -> torch.Tensor:
+    if rng_state is None:
+        if dropout_p > 0:  # from torch's generator on q's device: torch.manual_seed reproduces a run
+            return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=q.device)
+        return torch.zeros(2, dtype=torch.int64, device=q.device)
+    if rng_state.shape != (2,) or rng_state.dtype != torch.int64 or rng_state.device != q.device:
+        raise ValueError(f"rng_state must be (2,) int64 [seed, offset] on q's device {q.device}, got "
+                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")  # fmt: skip
+    return rng_state
 
 
 def flash_attention_varlen(
@@ -197,30 +225,54 @@ def flash_attention_varlen(
     Returns:
         (total_tokens, heads, head_dim), contiguous.
     """
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        _check_layout(name, tensor)
-        if tensor.shape != q.shape or tensor.dtype != q.dtype:
-            raise ValueError(f"{name} must match q's shape and dtype {tuple(q.shape)} {q.dtype}, got "
-                             f"{tuple(tensor.shape)} {tensor.dtype}")  # fmt: skip
-    reason = unsupported_reason(q)
-    if reason is not None:
-        raise ValueError(f"flash_attention_varlen cannot run: {reason}")
+    _check_inputs(q, k, v)
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be (B + 1,) int32 on q's device {q.device}, got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")  # fmt: skip
-    if rng_state is not None and (rng_state.shape != (2,) or rng_state.dtype != torch.int64 or rng_state.device != q.device):
-        raise ValueError(f"rng_state must be (2,) int64 [seed, offset] on q's device {q.device}, got "
-                         f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}")  # fmt: skip
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    if rng_state is None:
-        rng_state = (
-            torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=q.device)
-            if dropout_p > 0
-            else torch.zeros(2, dtype=torch.int64, device=q.device)
-        )
-    out, _ = _forward_op(q, k, v, cu_seqlens, rng_state, max_seqlen, float(dropout_p), float(softmax_scale))
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    rng_state = _rng_state(q, dropout_p, rng_state)
+    out, _ = _forward_op(q, k, v, cu_seqlens, None, rng_state, max_seqlen, float(dropout_p), scale)
     return out
+
+
+def flash_attention_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA's padded attention by the extension: every query, padded ones too, attends to the real keys of its row.
+
+    The kernel reads the padded layout in place and skips masked keys, so nothing is packed or copied, nothing
+    waits on the host, and padded frames get exactly what SDPA gives them (which the official model's later
+    layers and its instance-normalised targets see). A row with no real key gets zeros.
+
+    Args:
+        q, k, v: (B, T, heads, head_dim), same shape and dtype; strided views (a fused projection's) are fine.
+        key_padding_mask: (B, T) bool, True on real frames; None when nothing is padded.
+    Returns:
+        (B, T, heads, head_dim), contiguous.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, heads, head_dim), got shape {tuple(q.shape)}")
+    batch, frames = q.shape[:2]
+    packed = [t.flatten(0, 1) for t in (q, k, v)]  # a view: B and T merge without a copy for such layouts
+    _check_inputs(*packed)
+    key_mask = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, frames) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be (B, T) = {(batch, frames)} bool, got "
+                             f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")  # fmt: skip
+        key_mask = key_padding_mask.reshape(-1).contiguous()
+    cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    rng_state = _rng_state(q, dropout_p, rng_state)
+    out, _ = _forward_op(*packed, cu_seqlens, key_mask, rng_state, frames, float(dropout_p), scale)
+    return out.view(q.shape)
 
 
 # The generator of csrc/flash/philox.h in NumPy, for tests and for the reference of dropout masks.
