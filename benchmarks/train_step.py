@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> Results:
             failure = try_run(step) or try_run(step)  # warm-up, compilation included
         except Exception as error:  # noqa: BLE001 - a variant that cannot run here is a result
             failure = f"{type(error).__name__}: {error}"[:160]
-        ms = None if failure else median_ms(step, device=device, rep_ms=3000 if not smoke else 300, min_runs=5)
+        ms = None if failure else median_ms(step, device=device, rep_ms=1500 if not smoke else 300, min_runs=3)
         times[name] = ms
         row = results.add("train step", shape, name, ms, flops=flops["total"], note=failure or "")
         if ms is not None:

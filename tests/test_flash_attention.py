@@ -27,7 +27,7 @@ def reference_varlen(q, k, v, cu_seqlens, dropout_p=0.0, rng_state=None, softmax
         qq, kk, vv = (t[start:end].transpose(0, 1) for t in (q, k, v))
         weights = torch.softmax((qq @ kk.transpose(1, 2)).float() * scale, -1).to(q.dtype)
         if dropout_p > 0:
-            keep = dropout_keep_mask(rng_state, q.shape[1], start, end - start, dropout_p)
+            keep = dropout_keep_mask(rng_state, q.shape[1], start, end - start, dropout_p).to(q.device)
             weights = weights * keep.to(q.dtype) / (1 - dropout_p)
         outs.append((weights @ vv).transpose(0, 1))
     return torch.cat(outs)
