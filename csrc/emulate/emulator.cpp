@@ -2,6 +2,8 @@
 
 #include <ucontext.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -29,6 +31,7 @@ struct Fiber {
 struct Warp {
   Barrier barrier;
   uint32_t words[kWarpSize][6];  // a lane's operands of a warp-wide instruction
+  const uint16_t* rows[kWarpSize];  // the row addresses of an ldmatrix
 };
 
 struct Block {
@@ -167,6 +170,30 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], 
     float sum = 0.0f;
     for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);
     d[i] += sum;
+  }
+  wait(warp.barrier);
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool transposed) {
+  Warp& warp = my_warp();
+  int lane = my_lane();
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {  // a kernel bug; exceptions cannot leave a fiber
+    std::fprintf(stderr, "emulator: ldmatrix row address not 16-byte aligned\n");
+    std::abort();
+  }
+  warp.rows[lane] = row;
+  wait(warp.barrier);
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t* const* matrix = warp.rows + 8 * i;
+    uint16_t lo, hi;
+    if (transposed) {
+      lo = matrix[2 * (lane % 4)][lane / 4];
+      hi = matrix[2 * (lane % 4) + 1][lane / 4];
+    } else {
+      lo = matrix[lane / 4][2 * (lane % 4)];
+      hi = matrix[lane / 4][2 * (lane % 4) + 1];
+    }
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
   wait(warp.barrier);
 }

@@ -24,6 +24,7 @@ BlockCoordinates block_coordinates();
 unsigned char* shared_memory();
 void sync_block();
 float shfl_xor(float value, int lane_mask);
+void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool transposed);
 void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], float (*to_float)(uint16_t));
 
 uint16_t float_to_bf16(float value);

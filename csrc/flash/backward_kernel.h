@@ -79,8 +79,8 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   float* lse_tile = reinterpret_cast<float*>(k_tile + Smem::kElements);
   float* delta_tile = lse_tile + kBlockM;
 
-  load_tile<HeadDim, false>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
-  load_tile<HeadDim, false>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
+  load_tile<HeadDim>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
+  load_tile<HeadDim>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
 
   float grad_k[kDimTiles][4], grad_v[kDimTiles][4];
   SPIDR_UNROLL
@@ -91,17 +91,10 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const float* lse = p.lse + int64_t(head) * p.total_tokens + start;
   const float* delta = p.delta + int64_t(head) * p.total_tokens + start;
 
-  // A fragments of a (16 x 16·kKSteps) row-major block of a shared tile, rows row0.., columns kk*16..
-  auto a_fragment = [&](const uint16_t* tile, int stride, int row0, int kk, uint32_t (&a)[4]) {
-    SPIDR_UNROLL
-    for (int r = 0; r < 4; ++r)
-      a[r] = load_u32(tile + (row0 + g + (r % 2) * 8) * stride + kk * 16 + 2 * t + (r / 2) * 8);
-  };
-
   for (int m0 = 0; m0 < seqlen; m0 += kBlockM) {
     sync_block();  // the previous query tile is no longer read
-    load_tile<HeadDim, false>(q_tile, Smem::kStride, q, p.q_token_stride, m0, seqlen);
-    load_tile<HeadDim, false>(grad_out_tile, Smem::kStride, grad_out, p.grad_out_token_stride, m0, seqlen);
+    load_tile<HeadDim>(q_tile, Smem::kStride, q, p.q_token_stride, m0, seqlen);
+    load_tile<HeadDim>(grad_out_tile, Smem::kStride, grad_out, p.grad_out_token_stride, m0, seqlen);
     for (int i = thread_index(); i < kBlockM; i += kThreads) {
       bool valid = m0 + i < seqlen;
       lse_tile[i] = valid ? lse[m0 + i] : INFINITY;  // padded queries get probability 0
@@ -118,16 +111,17 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     SPIDR_UNROLL
     for (int kk = 0; kk < kKSteps; ++kk) {
       uint32_t k_frag[4], v_frag[4];
-      a_fragment(k_tile, Smem::kStride, warp * 16, kk, k_frag);
-      a_fragment(v_tile, Smem::kStride, warp * 16, kk, v_frag);
+      load_a(k_tile, Smem::kStride, warp * 16, kk * 16, k_frag);
+      load_a(v_tile, Smem::kStride, warp * 16, kk * 16, v_frag);
       SPIDR_UNROLL
-      for (int nt = 0; nt < kQueryTiles; ++nt) {
-        const uint16_t* query_row = q_tile + (nt * 8 + g) * Smem::kStride + kk * 16 + 2 * t;
-        const uint16_t* grad_out_row = grad_out_tile + (nt * 8 + g) * Smem::kStride + kk * 16 + 2 * t;
-        const uint32_t bq[2] = {load_u32(query_row), load_u32(query_row + 8)};
-        const uint32_t bo[2] = {load_u32(grad_out_row), load_u32(grad_out_row + 8)};
-        mma_16x8x16<Element>(prob[nt], k_frag, bq);
-        mma_16x8x16<Element>(grad_prob[nt], v_frag, bo);
+      for (int nt = 0; nt < kQueryTiles; nt += 2) {
+        uint32_t bq[2][2], bo[2][2];
+        load_b(q_tile, Smem::kStride, nt * 8, kk * 16, bq);
+        load_b(grad_out_tile, Smem::kStride, nt * 8, kk * 16, bo);
+        for (int half = 0; half < 2; ++half) {
+          mma_16x8x16<Element>(prob[nt + half], k_frag, bq[half]);
+          mma_16x8x16<Element>(grad_prob[nt + half], v_frag, bo[half]);
+        }
       }
     }
 
@@ -154,25 +148,18 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     // dV += (P∘Z)ᵀ dO and dK += dSᵀ Q: the accumulators' layout is the A fragment layout, queries as k.
     SPIDR_UNROLL
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      const uint32_t a_prob[4] = {
-          Element::pack(prob[2 * kk][0], prob[2 * kk][1]), Element::pack(prob[2 * kk][2], prob[2 * kk][3]),
-          Element::pack(prob[2 * kk + 1][0], prob[2 * kk + 1][1]),
-          Element::pack(prob[2 * kk + 1][2], prob[2 * kk + 1][3])};
-      const uint32_t a_grad[4] = {Element::pack(grad_logit[2 * kk][0], grad_logit[2 * kk][1]),
-                                  Element::pack(grad_logit[2 * kk][2], grad_logit[2 * kk][3]),
-                                  Element::pack(grad_logit[2 * kk + 1][0], grad_logit[2 * kk + 1][1]),
-                                  Element::pack(grad_logit[2 * kk + 1][2], grad_logit[2 * kk + 1][3])};
+      uint32_t a_prob[4], a_grad[4];
+      accumulator_to_a<Element>(prob[2 * kk], prob[2 * kk + 1], a_prob);
+      accumulator_to_a<Element>(grad_logit[2 * kk], grad_logit[2 * kk + 1], a_grad);
       SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; ++dt) {
-        // B = rows (queries kk*16 + 2t, +1, +8, +9) of one column of dO or Q: not adjacent, so read singly.
-        const int column = dt * 8 + g;
-        const uint16_t* o0 = grad_out_tile + (kk * 16 + 2 * t) * Smem::kStride + column;
-        const uint16_t* q0 = q_tile + (kk * 16 + 2 * t) * Smem::kStride + column;
-        const int s = Smem::kStride;
-        const uint32_t bo[2] = {pair_of(o0[0], o0[s]), pair_of(o0[8 * s], o0[9 * s])};
-        const uint32_t bq[2] = {pair_of(q0[0], q0[s]), pair_of(q0[8 * s], q0[9 * s])};
-        mma_16x8x16<Element>(grad_v[dt], a_prob, bo);
-        mma_16x8x16<Element>(grad_k[dt], a_grad, bq);
+      for (int dt = 0; dt < kDimTiles; dt += 2) {
+        uint32_t bo[2][2], bq[2][2];
+        load_b_transposed(grad_out_tile, Smem::kStride, kk * 16, dt * 8, bo);
+        load_b_transposed(q_tile, Smem::kStride, kk * 16, dt * 8, bq);
+        for (int half = 0; half < 2; ++half) {
+          mma_16x8x16<Element>(grad_v[dt + half], a_prob, bo[half]);
+          mma_16x8x16<Element>(grad_k[dt + half], a_grad, bq[half]);
+        }
       }
     }
 
@@ -191,13 +178,13 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     SPIDR_UNROLL
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
-      a_fragment(ds_tile, Smem::kDsStride, warp * 16, kk, a);
+      load_a(ds_tile, Smem::kDsStride, warp * 16, kk * 16, a);
       SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; ++dt) {
-        const uint16_t* k0 = k_tile + (kk * 16 + 2 * t) * Smem::kStride + dt * 8 + g;
-        const int s = Smem::kStride;
-        const uint32_t b[2] = {pair_of(k0[0], k0[s]), pair_of(k0[8 * s], k0[9 * s])};
-        mma_16x8x16<Element>(grad_q[dt], a, b);
+      for (int dt = 0; dt < kDimTiles; dt += 2) {
+        uint32_t b[2][2];
+        load_b_transposed(k_tile, Smem::kStride, kk * 16, dt * 8, b);
+        mma_16x8x16<Element>(grad_q[dt], a, b[0]);
+        mma_16x8x16<Element>(grad_q[dt + 1], a, b[1]);
       }
     }
     SPIDR_UNROLL

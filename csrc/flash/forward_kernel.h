@@ -16,38 +16,62 @@ constexpr int kBlockM = 64;    // query rows per block (16 per warp)
 constexpr int kBlockN = 64;    // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared-memory rows are padded by 8 elements (16 bytes) so that the 8 rows a warp reads at once fall on
-// different banks.
+// Shared-memory tiles are row-major with rows padded by 8 elements (16 bytes), so that the 8 rows an ldmatrix
+// phase reads fall on different banks.
 template <int HeadDim>
 struct ForwardSmem {
-  static constexpr int kKStride = HeadDim + 8;   // K tile, row-major (key, dim)
-  static constexpr int kVtStride = kBlockN + 8;  // V tile, transposed (dim, key): the PV product's B operand
-  static constexpr int kKElements = kBlockN * kKStride;
-  static constexpr int kElements = kKElements + HeadDim * kVtStride;
+  static constexpr int kStride = HeadDim + 8;  // K and V tiles, (key, dim)
+  static constexpr int kTile = kBlockN * kStride;
+  static constexpr int kElements = 2 * kTile;
   static constexpr int kBytes = kElements * 2 + kBlockN;  // + one validity byte per key of the tile
 };
 
-// Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into shared memory, zeros past
-// `rows`. transposed: element (row, d) lands at d * stride + row, else at row * stride + d.
-template <int HeadDim, bool Transposed>
+// Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past `rows`.
+template <int HeadDim>
 SPIDR_DEVICE void load_tile(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
                             int rows) {
   constexpr int kChunksPerRow = HeadDim / 8;
   for (int chunk = thread_index(); chunk < kBlockN * kChunksPerRow; chunk += kThreads) {
     int row = chunk / kChunksPerRow, column = (chunk % kChunksPerRow) * 8;
-    alignas(16) uint16_t values[8];
     if (row0 + row < rows) {
-      copy16(values, source + int64_t(row0 + row) * token_stride + column);
+      copy16(tile + row * stride + column, source + int64_t(row0 + row) * token_stride + column);
     } else {
-      zero16(values);
-    }
-    if constexpr (Transposed) {
-      SPIDR_UNROLL
-      for (int e = 0; e < 8; ++e) tile[(column + e) * stride + row] = values[e];
-    } else {
-      copy16(tile + row * stride + column, values);
+      zero16(tile + row * stride + column);
     }
   }
+}
+
+// Fragments of a row-major shared tile, by ldmatrix (see mma_16x8x16 for the layouts).
+// A operand: the 16x16 block at (row0, col0).
+SPIDR_DEVICE void load_a(const uint16_t* tile, int stride, int row0, int col0, uint32_t (&a)[4]) {
+  const int lane = thread_index() % kWarpSize, matrix = lane / 8;
+  ldmatrix_x4<false>(a, tile + (row0 + lane % 8 + (matrix & 1) * 8) * stride + col0 + (matrix >> 1) * 8);
+}
+
+// B operands of two n-tiles, B(k, n) = tile[n][k]: n in [n0, n0 + 16), k in [k0, k0 + 16).
+SPIDR_DEVICE void load_b(const uint16_t* tile, int stride, int n0, int k0, uint32_t (&b)[2][2]) {
+  const int lane = thread_index() % kWarpSize, matrix = lane / 8;
+  uint32_t r[4];
+  ldmatrix_x4<false>(r, tile + (n0 + lane % 8 + (matrix >> 1) * 8) * stride + k0 + (matrix & 1) * 8);
+  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
+// B operands of two n-tiles, B(k, n) = tile[k][n]: k in [k0, k0 + 16), n in [n0, n0 + 16).
+SPIDR_DEVICE void load_b_transposed(const uint16_t* tile, int stride, int k0, int n0, uint32_t (&b)[2][2]) {
+  const int lane = thread_index() % kWarpSize, matrix = lane / 8;
+  uint32_t r[4];
+  ldmatrix_x4<true>(r, tile + (k0 + lane % 8 + (matrix & 1) * 8) * stride + n0 + (matrix >> 1) * 8);
+  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
+// The A fragments of a 16 x 16·(kk+1) product whose left operand is an accumulator (the FA2 register reuse):
+// two n-tiles of the accumulator make one k-step of A.
+template <typename Element>
+SPIDR_DEVICE void accumulator_to_a(const float (&lo)[4], const float (&hi)[4], uint32_t (&a)[4]) {
+  a[0] = Element::pack(lo[0], lo[1]);
+  a[1] = Element::pack(lo[2], lo[3]);
+  a[2] = Element::pack(hi[0], hi[1]);
+  a[3] = Element::pack(hi[2], hi[3]);
 }
 
 template <typename Element, int HeadDim, bool Dropout>
@@ -83,7 +107,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
   }
 
   uint16_t* k_tile = dynamic_shared_memory();
-  uint16_t* vt_tile = k_tile + Smem::kKElements;
+  uint16_t* v_tile = k_tile + Smem::kTile;
   auto* key_valid = reinterpret_cast<uint8_t*>(k_tile + Smem::kElements);
 
   float acc[kDimTiles][4];
@@ -97,22 +121,24 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
 
   for (int n0 = 0; n0 < seqlen; n0 += kBlockN) {
     sync_block();  // every warp is done with the previous tile
-    load_tile<HeadDim, false>(k_tile, Smem::kKStride, k, p.k_token_stride, n0, seqlen);
-    load_tile<HeadDim, true>(vt_tile, Smem::kVtStride, v, p.v_token_stride, n0, seqlen);
+    load_tile<HeadDim>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
+    load_tile<HeadDim>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
     for (int key = thread_index(); key < kBlockN; key += kThreads)
       key_valid[key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
     sync_block();
 
     float s[kBlockN / 8][4];
     SPIDR_UNROLL
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      SPIDR_UNROLL
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
       for (float& x : s[nt]) x = 0.0f;
-      const uint16_t* key_row = k_tile + (nt * 8 + g) * Smem::kKStride + 2 * t;
+    SPIDR_UNROLL
+    for (int kk = 0; kk < kKSteps; ++kk) {
       SPIDR_UNROLL
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        const uint32_t b[2] = {load_u32(key_row + kk * 16), load_u32(key_row + kk * 16 + 8)};
-        mma_16x8x16<Element>(s[nt], q_frag[kk], b);
+      for (int nt = 0; nt < kBlockN / 8; nt += 2) {
+        uint32_t b[2][2];
+        load_b(k_tile, Smem::kStride, nt * 8, kk * 16, b);
+        mma_16x8x16<Element>(s[nt], q_frag[kk], b[0]);
+        mma_16x8x16<Element>(s[nt + 1], q_frag[kk], b[1]);
       }
     }
 
@@ -160,17 +186,17 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
       }
     }
 
-    // acc += P V: P's accumulator layout is the A fragment layout of the next product, two n-tiles per k-step.
+    // acc += P V: P's accumulator layout is the A fragment layout of this product, two n-tiles per k-step.
     SPIDR_UNROLL
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t a[4] = {Element::pack(s[2 * kk][0], s[2 * kk][1]), Element::pack(s[2 * kk][2], s[2 * kk][3]),
-                             Element::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Element::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[4];
+      accumulator_to_a<Element>(s[2 * kk], s[2 * kk + 1], a);
       SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; ++dt) {
-        const uint16_t* value_column = vt_tile + (dt * 8 + g) * Smem::kVtStride + kk * 16 + 2 * t;
-        const uint32_t b[2] = {load_u32(value_column), load_u32(value_column + 8)};
-        mma_16x8x16<Element>(acc[dt], a, b);
+      for (int dt = 0; dt < kDimTiles; dt += 2) {
+        uint32_t b[2][2];
+        load_b_transposed(v_tile, Smem::kStride, kk * 16, dt * 8, b);
+        mma_16x8x16<Element>(acc[dt], a, b[0]);
+        mma_16x8x16<Element>(acc[dt + 1], a, b[1]);
       }
     }
   }

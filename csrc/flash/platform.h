@@ -173,6 +173,28 @@ SPIDR_DEVICE void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint3
 #endif
 }
 
+// ldmatrix.x4: lane l gives the address of row l % 8 of 8x8 matrix l / 8 (16-byte aligned rows of 16-bit
+// elements in shared memory); register i of lane l receives, from matrix i,
+//   plain:      its row l / 4, columns 2(l % 4) and 2(l % 4) + 1      (a fragment of the matrix)
+//   Transposed: its rows 2(l % 4) and 2(l % 4) + 1, column l / 4      (a fragment of its transpose)
+template <bool Transposed>
+SPIDR_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+#ifdef SPIDR_EMULATE
+  emu::ldmatrix_x4(r, row, Transposed);
+#else
+  const uint32_t address = uint32_t(__cvta_generic_to_shared(row));
+  if constexpr (Transposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#endif
+}
+
 SPIDR_DEVICE int thread_index() {
 #ifdef SPIDR_EMULATE
   return emu::thread_index();
