@@ -224,6 +224,16 @@ def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):
     torch.testing.assert_close(out, ops.attention(q, k, v))
 
 
+def test_deterministic_mode_trains_on_sdpa(emulated_flash):
+    q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16, requires_grad=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "deterministic" in flash_attention.unsupported_reason(q)
+        assert flash_attention.unsupported_reason(q.detach()) is None  # inference stays on the kernel
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_extension_absent_means_sdpa(monkeypatch):
     monkeypatch.setattr(flash_attention, "_extension", None)
     assert "not built" in flash_attention.unsupported_reason(torch.zeros(1, 1, 64, dtype=torch.bfloat16))

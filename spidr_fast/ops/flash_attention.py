@@ -52,6 +52,8 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
         return f"dtype {q.dtype} (the kernels take bfloat16 or float16)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (the kernels take {HEAD_DIMS})"
+    if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and q.requires_grad:
+        return "deterministic algorithms are on, and the backward adds dQ with atomics"
     return None
 
 
