@@ -20,9 +20,15 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+struct PendingCopy {
+  uint16_t* destination;
+  const uint16_t* source;  // nullptr: zero fill
+};
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
+  std::vector<PendingCopy> pending;  // cp.async issued, not yet waited for
   bool done = false;
   Barrier* waiting_on = nullptr;
   uint64_t waiting_generation = 0;
@@ -50,6 +56,7 @@ Block* active = nullptr;
 void fiber_main() {
   Block& block = *active;
   (*block.body)();
+  wait_async();  // a kernel may leave copies in flight; they still land
   block.fibers[block.current].done = true;  // returning resumes the scheduler (uc_link)
 }
 
@@ -134,6 +141,22 @@ unsigned char* shared_memory() {
   return active->shared.data() + ((16 - address % 16) % 16);
 }
 void sync_block() { wait(active->barrier); }
+
+void copy16_async(uint16_t* destination, const uint16_t* source, bool valid) {
+  active->fibers[active->current].pending.push_back({destination, valid ? source : nullptr});
+}
+
+void wait_async() {
+  auto& pending = active->fibers[active->current].pending;
+  for (const PendingCopy& copy : pending) {
+    if (copy.source) {
+      std::memcpy(copy.destination, copy.source, 16);
+    } else {
+      std::memset(copy.destination, 0, 16);
+    }
+  }
+  pending.clear();
+}
 
 float shfl_xor(float value, int lane_mask) {
   Warp& warp = my_warp();

@@ -23,6 +23,9 @@ struct BlockCoordinates {
 BlockCoordinates block_coordinates();
 unsigned char* shared_memory();
 void sync_block();
+// Asynchronous copies land only at this fiber's wait_async, so a kernel that reads them sooner reads stale data.
+void copy16_async(uint16_t* destination, const uint16_t* source, bool valid);
+void wait_async();
 float shfl_xor(float value, int lane_mask);
 void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool transposed);
 void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], float (*to_float)(uint16_t));

@@ -18,27 +18,35 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // Shared-memory tiles are row-major with rows padded by 8 elements (16 bytes), so that the 8 rows an ldmatrix
 // phase reads fall on different banks.
+// The forward double-buffers: K, V and key validity of the next tile load while this one is computed on.
 template <int HeadDim>
 struct ForwardSmem {
   static constexpr int kStride = HeadDim + 8;  // K and V tiles, (key, dim)
   static constexpr int kTile = kBlockN * kStride;
-  static constexpr int kElements = 2 * kTile;
-  static constexpr int kBytes = kElements * 2 + kBlockN;  // + one validity byte per key of the tile
+  static constexpr int kElements = 4 * kTile;                 // K and V, two stages
+  static constexpr int kBytes = kElements * 2 + 2 * kBlockN;  // + one validity byte per key, two stages
 };
 
-// Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past `rows`.
+// Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past
+// `rows`, without waiting: the copy lands by wait_async() (load_tile waits at once).
 template <int HeadDim>
-SPIDR_DEVICE void load_tile(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
-                            int rows) {
+SPIDR_DEVICE void load_tile_async(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
+                                  int rows) {
   constexpr int kChunksPerRow = HeadDim / 8;
   for (int chunk = thread_index(); chunk < kBlockN * kChunksPerRow; chunk += kThreads) {
     int row = chunk / kChunksPerRow, column = (chunk % kChunksPerRow) * 8;
-    if (row0 + row < rows) {
-      copy16(tile + row * stride + column, source + int64_t(row0 + row) * token_stride + column);
-    } else {
-      zero16(tile + row * stride + column);
-    }
+    bool valid = row0 + row < rows;
+    copy16_async(tile + row * stride + column, source + (valid ? int64_t(row0 + row) * token_stride : 0) + column,
+                 valid);
   }
+}
+
+template <int HeadDim>
+SPIDR_DEVICE void load_tile(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
+                            int rows) {
+  load_tile_async<HeadDim>(tile, stride, source, token_stride, row0, rows);
+  commit_async();
+  wait_async();
 }
 
 // Fragments of a row-major shared tile, by ldmatrix (see mma_16x8x16 for the layouts).
@@ -106,9 +114,16 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     }
   }
 
-  uint16_t* k_tile = dynamic_shared_memory();
-  uint16_t* v_tile = k_tile + Smem::kTile;
-  auto* key_valid = reinterpret_cast<uint8_t*>(k_tile + Smem::kElements);
+  uint16_t* const smem = dynamic_shared_memory();
+  auto* const valid_bytes = reinterpret_cast<uint8_t*>(smem + Smem::kElements);
+  auto prefetch = [&](int n0, int stage) {  // issue tile n0 into `stage`; the caller waits and syncs before use
+    load_tile_async<HeadDim>(smem + (2 * stage) * Smem::kTile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
+    load_tile_async<HeadDim>(smem + (2 * stage + 1) * Smem::kTile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
+    commit_async();
+    for (int key = thread_index(); key < kBlockN; key += kThreads)
+      valid_bytes[stage * kBlockN + key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
+  };
+  prefetch(0, 0);
 
   float acc[kDimTiles][4];
   SPIDR_UNROLL
@@ -119,13 +134,13 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
   float row_sum[2] = {0.0f, 0.0f};           // this lane's share; the quad's shares are summed at the end
   const float scale_log2 = p.softmax_scale * kLog2e;
 
-  for (int n0 = 0; n0 < seqlen; n0 += kBlockN) {
-    sync_block();  // every warp is done with the previous tile
-    load_tile<HeadDim>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
-    load_tile<HeadDim>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
-    for (int key = thread_index(); key < kBlockN; key += kThreads)
-      key_valid[key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
-    sync_block();
+  for (int n0 = 0, stage = 0; n0 < seqlen; n0 += kBlockN, stage ^= 1) {
+    wait_async();
+    sync_block();  // tile n0 is in place for every thread, and no warp still reads the other stage
+    if (n0 + kBlockN < seqlen) prefetch(n0 + kBlockN, stage ^ 1);
+    const uint16_t* k_tile = smem + (2 * stage) * Smem::kTile;
+    const uint16_t* v_tile = smem + (2 * stage + 1) * Smem::kTile;
+    const uint8_t* key_valid = valid_bytes + stage * kBlockN;
 
     float s[kBlockN / 8][4];
     SPIDR_UNROLL

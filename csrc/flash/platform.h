@@ -97,20 +97,28 @@ SPIDR_DEVICE void store_u32(uint16_t* address, uint32_t word) {
 
 SPIDR_DEVICE uint32_t pair_of(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-// 16 bytes (8 elements), both addresses 16-byte aligned.
-SPIDR_DEVICE void copy16(uint16_t* destination, const uint16_t* source) {
+// 16 bytes from global to shared memory without a trip through registers, zeros when !valid (then `source` is
+// not read, but must still be a mapped address). Lands by the next wait_async(); groups are issued by commit_async().
+SPIDR_DEVICE void copy16_async(uint16_t* destination, const uint16_t* source, bool valid) {
 #ifdef SPIDR_EMULATE
-  std::memcpy(destination, source, 16);
+  emu::copy16_async(destination, source, valid);
 #else
-  *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(source);
+  const uint32_t address = uint32_t(__cvta_generic_to_shared(destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source), "r"(valid ? 16 : 0));
 #endif
 }
 
-SPIDR_DEVICE void zero16(uint16_t* destination) {
+SPIDR_DEVICE void commit_async() {
+#ifndef SPIDR_EMULATE
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+SPIDR_DEVICE void wait_async() {  // every committed group has landed (for this thread: sync_block for the others)
 #ifdef SPIDR_EMULATE
-  std::memset(destination, 0, 16);
+  emu::wait_async();
 #else
-  *reinterpret_cast<uint4*>(destination) = make_uint4(0, 0, 0, 0);
+  asm volatile("cp.async.wait_group 0;\n" ::);
 #endif
 }
 
