@@ -320,5 +320,16 @@ def test_gpu_dropout_is_deterministic_and_matches_the_numpy_mask():
     assert max_error(first, expected) < 2e-2
 
 
+
+
+def test_info_reports_the_extension_and_every_op(emulated_flash, capsys):
+    from spidr_fast import info
+
+    info.main()
+    printed = capsys.readouterr().out
+    assert "CPU emulator build" in printed
+    assert "op attention" in printed and "cuda" in printed  # the forced backend
+
+
 if os.environ.get("SPIDR_FAST_REQUIRE_GPU") == "1" and not torch.cuda.is_available():  # device_check.sh
     raise RuntimeError("SPIDR_FAST_REQUIRE_GPU=1 but torch sees no CUDA device")
