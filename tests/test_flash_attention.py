@@ -320,8 +320,6 @@ def test_gpu_dropout_is_deterministic_and_matches_the_numpy_mask():
     assert max_error(first, expected) < 2e-2
 
 
-
-
 def test_info_reports_the_extension_and_every_op(emulated_flash, capsys):
     from spidr_fast import info
 
