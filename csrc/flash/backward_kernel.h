@@ -129,6 +129,12 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     float grad_logit[kQueryTiles][4];
     SPIDR_UNROLL
     for (int nt = 0; nt < kQueryTiles; ++nt) {
+      Philox4 draws[2];  // this lane's queries 2t, 2t+1 share a block with each of its keys
+      if constexpr (Dropout) {
+        SPIDR_UNROLL
+        for (int r = 0; r < 2; ++r)
+          draws[r] = dropout_draws(p.rng_state, head, start, m0 + nt * 8 + 2 * t, n0 + key_rows[r]);
+      }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
         int query = nt * 8 + 2 * t + i % 2;
@@ -136,7 +142,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
         float probability = key_valid[i / 2] ? fast_exp2(prob[nt][i] * scale_log2 - lse_tile[query] * kLog2e) : 0.0f;
         float dropped = probability, grad = grad_prob[nt][i];
         if constexpr (Dropout) {
-          bool keep = draw_of(dropout_draws(p.rng_state, head, start + m0 + query, key / 4), key) >= p.drop_threshold;
+          bool keep = draw_of(draws[i / 2], m0 + query, key) >= p.drop_threshold;
           dropped = keep ? probability * p.keep_scale : 0.0f;
           grad = keep ? grad * p.keep_scale : 0.0f;
         }

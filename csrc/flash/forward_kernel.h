@@ -184,18 +184,18 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
 
     SPIDR_UNROLL
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      Philox4 draws[2];
+      Philox4 draws[2];  // this lane's row r holds keys 2t, 2t+1 of the tile: one dropout block per row
       if constexpr (Dropout) {
         SPIDR_UNROLL
         for (int r = 0; r < 2; ++r)
-          draws[r] = dropout_draws(p.rng_state, head, start + rows[r], (n0 + nt * 8 + 2 * t) / 4);
+          draws[r] = dropout_draws(p.rng_state, head, start, rows[r], n0 + nt * 8 + 2 * t);
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
         float weight = fast_exp2(s[nt][i] * scale_log2 - row_max[i / 2] * scale_log2);
         row_sum[i / 2] += weight;  // the softmax normalises over every weight, dropped or not
         if constexpr (Dropout) {
-          if (draw_of(draws[i / 2], n0 + nt * 8 + 2 * t + i % 2) < p.drop_threshold) weight = 0.0f;
+          if (draw_of(draws[i / 2], rows[i / 2], n0 + nt * 8 + 2 * t + i % 2) < p.drop_threshold) weight = 0.0f;
         }
         s[nt][i] = weight;
       }

@@ -25,15 +25,19 @@ SPIDR_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_t
   return counter;
 }
 
-// The draws of the four keys 4j..4j+3 of one (head, query token): counter (query token, j, head, offset).
-SPIDR_HOST_DEVICE Philox4 dropout_draws(const int64_t* rng_state, int head, int query_token, int key_group) {
+// One Philox call draws for a 2x2 block of attention weights: queries 2i, 2i+1 and keys 2j, 2j+1 of a sequence
+// (positions within it; the sequence starts at token `start`). Counter (start + 2i, j, head, offset): unique per
+// block, since start + 2i lies in the sequence's own token range. The forward's and the backward's fragments each
+// hold two weights of a block, so both draw once per two weights.
+SPIDR_HOST_DEVICE Philox4 dropout_draws(const int64_t* rng_state, int head, int start, int query, int key) {
   uint64_t seed = uint64_t(rng_state[0]), offset = uint64_t(rng_state[1]);
-  return philox4x32_10({uint32_t(query_token), uint32_t(key_group), uint32_t(head), uint32_t(offset)},
+  return philox4x32_10({uint32_t(start + (query & ~1)), uint32_t(key >> 1), uint32_t(head), uint32_t(offset)},
                        uint32_t(seed), uint32_t(seed >> 32));
 }
 
-SPIDR_HOST_DEVICE uint32_t draw_of(const Philox4& draws, int key) {
-  switch (key & 3) {
+// The draw of weight (query, key) among its block's four.
+SPIDR_HOST_DEVICE uint32_t draw_of(const Philox4& draws, int query, int key) {
+  switch ((query & 1) * 2 + (key & 1)) {
     case 0: return draws.x;
     case 1: return draws.y;
     case 2: return draws.z;

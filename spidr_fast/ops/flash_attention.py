@@ -305,12 +305,13 @@ def dropout_keep_mask(
     rng_state: torch.Tensor, heads: int, query_start: int, length: int, dropout_p: float
 ) -> torch.Tensor:
     """(heads, length, length) bool: which attention weights of the sequence starting at token `query_start`
-    the kernels keep, for the same rng_state."""
+    the kernels keep, for the same rng_state (csrc/flash/philox.h: one draw of four per 2x2 block of weights)."""
     seed, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in rng_state.cpu().tolist())
     head, query, key = np.meshgrid(np.arange(heads), np.arange(length), np.arange(length), indexing="ij")
     counter = np.stack(
-        [query + query_start, key // 4, head, np.full_like(key, offset & 0xFFFFFFFF)], axis=-1
+        [query_start + (query & ~1), key >> 1, head, np.full_like(key, offset & 0xFFFFFFFF)], axis=-1
     ).astype(np.uint32)
-    draws = np.take_along_axis(philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32), (key % 4)[..., None], -1)
+    which = (query & 1) * 2 + (key & 1)
+    draws = np.take_along_axis(philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32), which[..., None], -1)
     threshold = int(np.ldexp(dropout_p, 32))
     return torch.from_numpy(draws[..., 0] >= np.uint32(min(threshold, 2**32 - 1)))
