@@ -242,8 +242,11 @@ def test_extension_absent_means_sdpa(monkeypatch):
 def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
     q, k, v = (torch.randn(2, 20, 2, 64, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
 
+    mask = torch.arange(20) < torch.tensor([20, 13])[:, None]
+
     def loss(q, k, v):
-        return ops.attention(q, k, v, dropout_p=0.2).float().square().sum()
+        padded = ops.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+        return (padded.float().square().sum() + ops.attention(q, k, v).float().sum())
 
     torch.manual_seed(0)
     eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
