@@ -113,16 +113,8 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       uint32_t k_frag[4], v_frag[4];
       load_a(k_tile, Smem::kStride, warp * 16, kk * 16, k_frag);
       load_a(v_tile, Smem::kStride, warp * 16, kk * 16, v_frag);
-      SPIDR_UNROLL
-      for (int nt = 0; nt < kQueryTiles; nt += 2) {
-        uint32_t bq[2][2], bo[2][2];
-        load_b(q_tile, Smem::kStride, nt * 8, kk * 16, bq);
-        load_b(grad_out_tile, Smem::kStride, nt * 8, kk * 16, bo);
-        for (int half = 0; half < 2; ++half) {
-          mma_16x8x16<Element>(prob[nt + half], k_frag, bq[half]);
-          mma_16x8x16<Element>(grad_prob[nt + half], v_frag, bo[half]);
-        }
-      }
+      mma_nk_tile<Element>(prob, k_frag, q_tile, Smem::kStride, kk * 16);
+      mma_nk_tile<Element>(grad_prob, v_frag, grad_out_tile, Smem::kStride, kk * 16);
     }
 
     // P = exp(S·scale − lse); with dropout Z = keep / (1 − p): dV takes P∘Z, dS = P ∘ (Z∘dP − delta).
@@ -157,16 +149,8 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       uint32_t a_prob[4], a_grad[4];
       accumulator_to_a<Element>(prob[2 * kk], prob[2 * kk + 1], a_prob);
       accumulator_to_a<Element>(grad_logit[2 * kk], grad_logit[2 * kk + 1], a_grad);
-      SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; dt += 2) {
-        uint32_t bo[2][2], bq[2][2];
-        load_b_transposed(grad_out_tile, Smem::kStride, kk * 16, dt * 8, bo);
-        load_b_transposed(q_tile, Smem::kStride, kk * 16, dt * 8, bq);
-        for (int half = 0; half < 2; ++half) {
-          mma_16x8x16<Element>(grad_v[dt + half], a_prob, bo[half]);
-          mma_16x8x16<Element>(grad_k[dt + half], a_grad, bq[half]);
-        }
-      }
+      mma_kn_tile<Element>(grad_v, a_prob, grad_out_tile, Smem::kStride, kk * 16);
+      mma_kn_tile<Element>(grad_k, a_grad, q_tile, Smem::kStride, kk * 16);
     }
 
     // dS to shared memory as (query, key), then dQ[queries] += dS K, one warp per 16 queries.
@@ -185,13 +169,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       load_a(ds_tile, Smem::kDsStride, warp * 16, kk * 16, a);
-      SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; dt += 2) {
-        uint32_t b[2][2];
-        load_b_transposed(k_tile, Smem::kStride, kk * 16, dt * 8, b);
-        mma_16x8x16<Element>(grad_q[dt], a, b[0]);
-        mma_16x8x16<Element>(grad_q[dt + 1], a, b[1]);
-      }
+      mma_kn_tile<Element>(grad_q, a, k_tile, Smem::kStride, kk * 16);
     }
     SPIDR_UNROLL
     for (int r = 0; r < 2; ++r) {

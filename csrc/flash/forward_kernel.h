@@ -56,20 +56,35 @@ SPIDR_DEVICE void load_a(const uint16_t* tile, int stride, int row0, int col0, u
   ldmatrix_x4<false>(a, tile + (row0 + lane % 8 + (matrix & 1) * 8) * stride + col0 + (matrix >> 1) * 8);
 }
 
-// B operands of two n-tiles, B(k, n) = tile[n][k]: n in [n0, n0 + 16), k in [k0, k0 + 16).
-SPIDR_DEVICE void load_b(const uint16_t* tile, int stride, int n0, int k0, uint32_t (&b)[2][2]) {
+// One k-step of acc[nt] += A · B for every n-tile nt of acc, B's fragments read by ldmatrix from a row-major tile:
+//   mma_nk_tile: B(k, n) = tile[n][k0 + k]   (the tile holds Bᵀ: K in Q Kᵀ, Q in K Qᵀ)
+//   mma_kn_tile: B(k, n) = tile[k0 + k][n]   (the tile holds B: V in P V, K in dS K)
+template <typename Element, int NTiles>
+SPIDR_DEVICE void mma_nk_tile(float (&acc)[NTiles][4], const uint32_t (&a)[4], const uint16_t* tile, int stride,
+                              int k0) {
   const int lane = thread_index() % kWarpSize, matrix = lane / 8;
-  uint32_t r[4];
-  ldmatrix_x4<false>(r, tile + (n0 + lane % 8 + (matrix >> 1) * 8) * stride + k0 + (matrix & 1) * 8);
-  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+  SPIDR_UNROLL
+  for (int nt = 0; nt < NTiles; nt += 2) {
+    uint32_t r[4];
+    ldmatrix_x4<false>(r, tile + (nt * 8 + lane % 8 + (matrix >> 1) * 8) * stride + k0 + (matrix & 1) * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    mma_16x8x16<Element>(acc[nt], a, b0);
+    mma_16x8x16<Element>(acc[nt + 1], a, b1);
+  }
 }
 
-// B operands of two n-tiles, B(k, n) = tile[k][n]: k in [k0, k0 + 16), n in [n0, n0 + 16).
-SPIDR_DEVICE void load_b_transposed(const uint16_t* tile, int stride, int k0, int n0, uint32_t (&b)[2][2]) {
+template <typename Element, int NTiles>
+SPIDR_DEVICE void mma_kn_tile(float (&acc)[NTiles][4], const uint32_t (&a)[4], const uint16_t* tile, int stride,
+                              int k0) {
   const int lane = thread_index() % kWarpSize, matrix = lane / 8;
-  uint32_t r[4];
-  ldmatrix_x4<true>(r, tile + (k0 + lane % 8 + (matrix & 1) * 8) * stride + n0 + (matrix >> 1) * 8);
-  b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+  SPIDR_UNROLL
+  for (int nt = 0; nt < NTiles; nt += 2) {
+    uint32_t r[4];
+    ldmatrix_x4<true>(r, tile + (k0 + lane % 8 + (matrix & 1) * 8) * stride + nt * 8 + (matrix >> 1) * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    mma_16x8x16<Element>(acc[nt], a, b0);
+    mma_16x8x16<Element>(acc[nt + 1], a, b1);
+  }
 }
 
 // The A fragments of a 16 x 16·(kk+1) product whose left operand is an accumulator (the FA2 register reuse):
@@ -147,15 +162,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     for (int nt = 0; nt < kBlockN / 8; ++nt)
       for (float& x : s[nt]) x = 0.0f;
     SPIDR_UNROLL
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      SPIDR_UNROLL
-      for (int nt = 0; nt < kBlockN / 8; nt += 2) {
-        uint32_t b[2][2];
-        load_b(k_tile, Smem::kStride, nt * 8, kk * 16, b);
-        mma_16x8x16<Element>(s[nt], q_frag[kk], b[0]);
-        mma_16x8x16<Element>(s[nt + 1], q_frag[kk], b[1]);
-      }
-    }
+    for (int kk = 0; kk < kKSteps; ++kk) mma_nk_tile<Element>(s, q_frag[kk], k_tile, Smem::kStride, kk * 16);
 
     // Online softmax: the new running maximum, the factor that rescales what came before, the new weights.
     float tile_max[2] = {-FLT_MAX, -FLT_MAX};
@@ -206,13 +213,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       accumulator_to_a<Element>(s[2 * kk], s[2 * kk + 1], a);
-      SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; dt += 2) {
-        uint32_t b[2][2];
-        load_b_transposed(v_tile, Smem::kStride, kk * 16, dt * 8, b);
-        mma_16x8x16<Element>(acc[dt], a, b[0]);
-        mma_16x8x16<Element>(acc[dt + 1], a, b[1]);
-      }
+      mma_kn_tile<Element>(acc, a, v_tile, Smem::kStride, kk * 16);
     }
   }
 
