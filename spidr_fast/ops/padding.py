@@ -26,12 +26,8 @@ def pack(padded: torch.Tensor, key_padding_mask: torch.Tensor) -> Packed:
     """Keep the real frames of `padded` (B, T, ...). Real frames need not be a prefix of each row."""
     token_index = key_padding_mask.flatten().nonzero().squeeze(1)
     max_seqlen = int(key_padding_mask.sum(1).max()) if key_padding_mask.numel() else 0
-    return Packed(select_tokens(padded, token_index), cu_seqlens_from_mask(key_padding_mask), max_seqlen, token_index)
-
-
-def select_tokens(padded: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """The frames `token_index` of `padded` (B, T, ...), packed: pack another tensor like one packed before."""
-    return padded.flatten(0, 1).index_select(0, token_index)
+    tokens = padded.flatten(0, 1).index_select(0, token_index)
+    return Packed(tokens, cu_seqlens_from_mask(key_padding_mask), max_seqlen, token_index)
 
 
 def unpack(tokens: torch.Tensor, token_index: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
