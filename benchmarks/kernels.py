@@ -31,18 +31,18 @@ LAYERS, DIM, CODEWORDS = 8, 768, 256
 SMOKE = False  # tiny shapes and no torch.compile: compiling on a CPU takes longer than the whole smoke run
 
 
-def _impls_of(op_fn, backend_names):
-    """op_fn run with each named backend forced (the seam's switch), as callables."""
+def _on(backend, fn):
+    """fn, run with `backend` forced at the ops seam."""
 
-    def forced(backend, *args, **kwargs):
+    def run():
         previous = ops.forced_backend()
         ops.set_backend(backend)
         try:
-            return op_fn(*args, **kwargs)
+            return fn()
         finally:
             ops.set_backend(previous)
 
-    return {name: functools.partial(forced, backend) for name, backend in backend_names.items()}
+    return run
 
 
 def _add_compiled(impls, name, fn):
@@ -69,10 +69,11 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         def reference():
             return ops.codebook_assign(ops.instance_norm_select(layers, frame_index), codebook, counts)
 
-        impls = _impls_of(lambda: ops.instance_norm_assign(layers, frame_index, codebook, counts),
-                          {"fused (triton)": "triton"})  # fmt: skip
-        impls["reference eager"] = _impls_of(reference, {"": "reference"})[""]
-        _add_compiled(impls, "reference compiled", _impls_of(reference, {"": "reference"})[""])
+        def fused():
+            return ops.instance_norm_assign(layers, frame_index, codebook, counts)
+
+        impls = {"fused (triton)": _on("triton", fused), "reference eager": _on("reference", reference)}
+        _add_compiled(impls, "reference compiled", _on("reference", reference))
         if official is not None:
             impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
         for impl, fn in impls.items():
@@ -83,7 +84,6 @@ def _official_targets(official, layers, frame_index, codebook):
     """The official path: per layer, instance norm over time, masked-frame selection, Codebooks.quantize (with its
     statistics and update)."""
     codebooks = _official_codebooks(official, codebook)
-    batch, frames = layers.shape[1:3]
     targets = [F.instance_norm(layer.float().transpose(1, 2)).transpose(1, 2).flatten(0, 1)[frame_index]
                for layer in layers]  # fmt: skip
     return codebooks.quantize(targets)
@@ -111,8 +111,8 @@ def bench_ema_update(results, device, official):
     def update():
         ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)
 
-    impls = _impls_of(update, {"fused (triton)": "triton", "reference eager": "reference"})
-    _add_compiled(impls, "reference compiled", _impls_of(update, {"": "reference"})[""])
+    impls = {"fused (triton)": _on("triton", update), "reference eager": _on("reference", update)}
+    _add_compiled(impls, "reference compiled", _on("reference", update))
     if official is not None:
         codebooks = _official_codebooks(official, codebook)
         impls["official eager"] = lambda: [cb.update(c, m) for cb, c, m in zip(codebooks, batch_counts, batch_sums)]
@@ -138,8 +138,8 @@ def bench_heads(results, device, sizes, dtype):
                        for i in range(LAYERS))  # fmt: skip
             loss.backward()
 
-        impls = _impls_of(fused_step, {"fused (triton)": "triton", "reference eager": "reference"})
-        _add_compiled(impls, "reference compiled", _impls_of(fused_step, {"": "reference"})[""])
+        impls = {"fused (triton)": _on("triton", fused_step), "reference eager": _on("reference", fused_step)}
+        _add_compiled(impls, "reference compiled", _on("reference", fused_step))
         impls["F.linear_cross_entropy"] = linear_cross_entropy
         for impl, fn in impls.items():
             _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)
