@@ -155,6 +155,21 @@ class Results:
         return path
 
 
+def on_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with `backend` forced at spidr_fast's ops seam (None: chosen by device)."""
+    from spidr_fast import ops
+
+    def run() -> object:
+        previous = ops.forced_backend()
+        ops.set_backend(backend)
+        try:
+            return fn()
+        finally:
+            ops.set_backend(previous)
+
+    return run
+
+
 def try_run(fn: Callable[[], object]) -> str | None:
     """None when fn() runs, else why not (one line): a backend missing here is a result, not a crash."""
     try:

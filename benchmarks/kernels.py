@@ -23,26 +23,12 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter, chosen before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import Results, import_official, measure_peaks, median_ms, try_run
+from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run
 from spidr_fast import ops
 from spidr_fast.ops import flash_attention
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
 SMOKE = False  # tiny shapes and no torch.compile: compiling on a CPU takes longer than the whole smoke run
-
-
-def _on(backend, fn):
-    """fn, run with `backend` forced at the ops seam."""
-
-    def run():
-        previous = ops.forced_backend()
-        ops.set_backend(backend)
-        try:
-            return fn()
-        finally:
-            ops.set_backend(previous)
-
-    return run
 
 
 def _add_compiled(impls, name, fn):
@@ -72,8 +58,8 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         def fused():
             return ops.instance_norm_assign(layers, frame_index, codebook, counts)
 
-        impls = {"fused (triton)": _on("triton", fused), "reference eager": _on("reference", reference)}
-        _add_compiled(impls, "reference compiled", _on("reference", reference))
+        impls = {"fused (triton)": on_backend("triton", fused), "reference eager": on_backend("reference", reference)}
+        _add_compiled(impls, "reference compiled", on_backend("reference", reference))
         if official is not None:
             impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
         for impl, fn in impls.items():
@@ -111,8 +97,8 @@ def bench_ema_update(results, device, official):
     def update():
         ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)
 
-    impls = {"fused (triton)": _on("triton", update), "reference eager": _on("reference", update)}
-    _add_compiled(impls, "reference compiled", _on("reference", update))
+    impls = {"fused (triton)": on_backend("triton", update), "reference eager": on_backend("reference", update)}
+    _add_compiled(impls, "reference compiled", on_backend("reference", update))
     if official is not None:
         codebooks = _official_codebooks(official, codebook)
         impls["official eager"] = lambda: [cb.update(c, m) for cb, c, m in zip(codebooks, batch_counts, batch_sums)]
@@ -138,8 +124,8 @@ def bench_heads(results, device, sizes, dtype):
                        for i in range(LAYERS))  # fmt: skip
             loss.backward()
 
-        impls = {"fused (triton)": _on("triton", fused_step), "reference eager": _on("reference", fused_step)}
-        _add_compiled(impls, "reference compiled", _on("reference", fused_step))
+        impls = {"fused (triton)": on_backend("triton", fused_step), "reference eager": on_backend("reference", fused_step)}
+        _add_compiled(impls, "reference compiled", on_backend("reference", fused_step))
         impls["F.linear_cross_entropy"] = linear_cross_entropy
         for impl, fn in impls.items():
             _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)

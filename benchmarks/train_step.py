@@ -28,7 +28,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import Results, import_official, measure_peaks, median_ms, try_run  # noqa: E402
+from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices  # noqa: E402
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
@@ -209,17 +209,7 @@ def main(argv: list[str] | None = None) -> Results:
             model = copy.deepcopy(ours_template)
             if compiled:
                 compile_encoders(model)
-            step = make_step(model, batch, dtype)
-
-            def run() -> None:
-                previous = ops.forced_backend()
-                ops.set_backend(backend)
-                try:
-                    step()
-                finally:
-                    ops.set_backend(previous)
-
-            return run
+            return on_backend(backend, make_step(model, batch, dtype))
 
         return build
 
@@ -253,13 +243,8 @@ def main(argv: list[str] | None = None) -> Results:
     if baseline:
         results.extra["speedup_vs_official"] = {k: baseline / v for k, v in times.items() if v}
     results.extra["flops_per_step"] = flops
-    previous = ops.forced_backend()
-    ops.set_backend("reference")
-    try:
-        phases = breakdown(copy.deepcopy(ours_template), batch, dtype, device)
-        results.extra["breakdown_ms_ours_eager_reference"] = phases
-    finally:
-        ops.set_backend(previous)
+    phases = on_backend("reference", lambda: breakdown(copy.deepcopy(ours_template), batch, dtype, device))()
+    results.extra["breakdown_ms_ours_eager_reference"] = phases
     results.print_table()
     if baseline:
         against = "compiled" if times.get("official compiled") else "eager"
