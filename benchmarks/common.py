@@ -72,11 +72,21 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def _commit() -> tuple[str, bool | None]:
+    """The commit and whether tracked files differ from it; on a copy without .git (a device machine), the
+    commit its caller named in $SPIDR_FAST_COMMIT, cleanliness unknown (None)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit == "unknown":
+        return os.environ.get("SPIDR_FAST_COMMIT", "unknown"), None
+    return commit, bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
 def environment(device: torch.device) -> dict[str, object]:
+    commit, dirty = _commit()
     info: dict[str, object] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit,
+        "dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -108,11 +118,22 @@ class Row:
 
 @dataclass
 class Results:
+    """Rows of one benchmark run. Each row is printed and the whole file rewritten the moment it is measured,
+    so a run killed at its time limit keeps every row before the kill."""
+
     benchmark: str
     device: torch.device
     peaks: Peaks
+    output: Path | None = None  # None: benchmarks/results/ (GPU) or .benchmarks/smoke/ (CPU), named by card and date
     rows: list[Row] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.device.type != "cuda":
+            print(CPU_DISCLAIMER)
+        print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
+              f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s")  # fmt: skip
+        print(_HEADER)
 
     def add(self, case: str, shape: str, impl: str, ms: float | None, *, bytes_moved: float | None = None,
             flops: float | None = None, note: str = "") -> Row:  # fmt: skip
@@ -124,35 +145,47 @@ class Results:
             row.tflop_per_s = flops / ms / 1e9
             row.share_of_peak = row.tflop_per_s / self.peaks.bf16_matmul_tflop_per_s
         self.rows.append(row)
+        print(_format_row(row), flush=True)
+        self.write(quiet=True)
         return row
 
-    def print_table(self) -> None:
-        if self.device.type != "cuda":
-            print(CPU_DISCLAIMER)
-        print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
-              f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s")  # fmt: skip
-        header = f"{'case':<26} {'shape':<30} {'impl':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"
-        print(header)
-        print("-" * len(header))
-        fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
-        for r in self.rows:
-            note = f"  {r.note}" if r.note else ""
-            print(f"{r.case:<26} {r.shape:<30} {r.impl:<28} {fmt(r.ms, '.3f', 9)} {fmt(r.gb_per_s, '.0f', 8)} "
-                  f"{fmt(r.tflop_per_s, '.1f', 8)} {fmt(r.share_of_peak, '.0%', 6)}{note}")  # fmt: skip
+    def require_a_measurement(self) -> None:
+        """Exit with an error when nothing was measured: a run of failures must not read as a result."""
+        if not any(row.ms is not None for row in self.rows):
+            raise SystemExit(f"{self.benchmark}: no implementation ran (see the notes in {self.output})")
 
-    def write(self, path: Path | None = None) -> Path:
+    def print_table(self) -> None:
+        print(_HEADER)
+        for row in self.rows:
+            print(_format_row(row))
+
+    def write(self, *, quiet: bool = False) -> Path:
         env = environment(self.device)
+        path = self.output
         if path is None:
             card = str(env["device"]).split("(")[0].strip().replace(" ", "-").lower()
             folder = RESULTS_DIR if self.device.type == "cuda" else SMOKE_DIR  # smoke runs are not committed
-            path = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
+            path = self.output = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"benchmark": self.benchmark, "environment": env, "command": " ".join(sys.argv),
                    "peaks": asdict(self.peaks), "cpu_smoke_run": self.device.type != "cuda",
                    "rows": [asdict(r) for r in self.rows], **self.extra}  # fmt: skip
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"results: {path}")
+        partial = path.with_name(path.name + ".partial")  # a kill mid-write leaves the previous file whole
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
+        partial.replace(path)
+        if not quiet:
+            print(f"results: {path}")
         return path
+
+
+_HEADER = f"{'case':<26} {'shape':<30} {'impl':<30} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"
+
+
+def _format_row(row: Row) -> str:
+    fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
+    note = f"  {row.note}" if row.note else ""
+    return (f"{row.case:<26} {row.shape:<30} {row.impl:<30} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
+            f"{fmt(row.tflop_per_s, '.1f', 8)} {fmt(row.share_of_peak, '.0%', 6)}{note}")  # fmt: skip
 
 
 def on_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:

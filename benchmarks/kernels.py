@@ -1,8 +1,12 @@
 """Each fused op against its reference (eager and under torch.compile), the official implementation where it
 has one, and the public alternatives, at the SpidR shapes and over a sweep of sizes.
 
-    python -m benchmarks.kernels              # on a GPU: the full sweep, a table, benchmarks/results/*.json
-    python -m benchmarks.kernels --smoke      # tiny shapes, no torch.compile (the default without a GPU)
+    python benchmarks/kernels.py                       # on a GPU: the full sweep, benchmarks/results/*.json
+    python benchmarks/kernels.py --variants compiled   # only the torch.compile rows (slow to build: a second call)
+    python benchmarks/kernels.py --smoke               # tiny shapes, no torch.compile (the default without a GPU)
+
+"reference compiled" compiles the plain-PyTorch reference functions themselves (not the custom ops, which
+torch.compile treats as opaque calls). Every row is printed and saved the moment it is measured.
 
 Ops and what is counted (the minimum traffic or the useful FLOPs, by the usual conventions):
   codebook targets   instance norm + masked-frame selection + nearest codeword + batch statistics, 8 layers;
@@ -15,6 +19,7 @@ Ops and what is counted (the minimum traffic or the useful FLOPs, by the usual c
 import argparse
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -22,18 +27,23 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter, chosen before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/kernels.py` from a checkout
 
-from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run
-from spidr_fast import ops
-from spidr_fast.ops import flash_attention
+from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
+from spidr_fast import ops  # noqa: E402
+from spidr_fast.ops import _dispatch, flash_attention  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
-SMOKE = False  # tiny shapes and no torch.compile: compiling on a CPU takes longer than the whole smoke run
+VARIANTS = ("eager", "compiled")
+RUN = {"eager"}  # which variants this run measures: "eager" (everything not compiled), "compiled"
 
 
-def _add_compiled(impls, name, fn):
-    if not SMOKE:
-        impls[name] = torch.compile(fn, dynamic=False)
+def _select(impls: dict, compiled: dict | None = None) -> dict:
+    """The implementations this run measures: the eager ones and/or the torch.compile ones."""
+    chosen = dict(impls) if "eager" in RUN else {}
+    if "compiled" in RUN and compiled:
+        chosen.update({name: torch.compile(fn, dynamic=False) for name, fn in compiled.items()})
+    return chosen
 
 
 def _time(results, case, shape, impl, fn, device, **counts):
@@ -58,11 +68,13 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         def fused():
             return ops.instance_norm_assign(layers, frame_index, codebook, counts)
 
+        def reference_inline():  # the reference functions themselves, which torch.compile can fuse
+            return _dispatch.reference("instance_norm_assign")(layers, frame_index, codebook, counts, None, "l2", False)
+
         impls = {"fused (triton)": on_backend("triton", fused), "reference eager": on_backend("reference", reference)}
-        _add_compiled(impls, "reference compiled", on_backend("reference", reference))
         if official is not None:
             impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
-        for impl, fn in impls.items():
+        for impl, fn in _select(impls, {"reference compiled": reference_inline}).items():
             _time(results, "codebook targets", shape, impl, fn, device, bytes_moved=nbytes)
 
 
@@ -97,12 +109,14 @@ def bench_ema_update(results, device, official):
     def update():
         ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)
 
+    def update_inline():
+        _dispatch.reference("codebook_ema_update_")(codebook, counts, batch_counts, batch_sums, 0.9)
+
     impls = {"fused (triton)": on_backend("triton", update), "reference eager": on_backend("reference", update)}
-    _add_compiled(impls, "reference compiled", on_backend("reference", update))
     if official is not None:
         codebooks = _official_codebooks(official, codebook)
         impls["official eager"] = lambda: [cb.update(c, m) for cb, c, m in zip(codebooks, batch_counts, batch_sums)]
-    for impl, fn in impls.items():
+    for impl, fn in _select(impls, {"reference compiled": update_inline}).items():
         _time(results, "ema update", shape, impl, fn, device, bytes_moved=nbytes)
 
 
@@ -124,10 +138,18 @@ def bench_heads(results, device, sizes, dtype):
                        for i in range(LAYERS))  # fmt: skip
             loss.backward()
 
+        reference_loss = torch.compile(
+            lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False)
+
         impls = {"fused (triton)": on_backend("triton", fused_step), "reference eager": on_backend("reference", fused_step)}
-        _add_compiled(impls, "reference compiled", on_backend("reference", fused_step))
-        impls["F.linear_cross_entropy"] = linear_cross_entropy
-        for impl, fn in impls.items():
+        if hasattr(F, "linear_cross_entropy"):
+            impls["F.linear_cross_entropy"] = linear_cross_entropy
+        elif "eager" in RUN:
+            results.add("heads CE fwd+bwd", shape, "F.linear_cross_entropy", None,
+                        note=f"not in torch {torch.__version__}")  # fmt: skip
+        # The backward of a compiled forward is compiled too (AOT autograd); compile it here, not in _select.
+        compiled = {"reference compiled": lambda: reference_loss().backward()} if "compiled" in RUN else {}
+        for impl, fn in {**_select(impls), **compiled}.items():
             _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)
 
 
@@ -179,15 +201,20 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
 def main(argv: list[str] | None = None) -> Results:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
+    parser.add_argument("--variants", choices=(*VARIANTS, "all"), default=None,
+                        help="eager rows, torch.compile rows, or both (default: both on a GPU, eager in a smoke run)")
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
     parser.add_argument("--only", nargs="*", default=None, help="cases to run: targets ema heads attention")
     args = parser.parse_args(argv)
-    global LAYERS, DIM, CODEWORDS, SMOKE  # noqa: PLW0603 - the sizes of this run
+    global LAYERS, DIM, CODEWORDS, RUN  # noqa: PLW0603 - the sizes and variants of this run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = SMOKE = args.smoke or device.type != "cuda"
+    smoke = args.smoke or device.type != "cuda"
+    variants = args.variants or ("eager" if smoke else "all")
+    RUN = set(VARIANTS) if variants == "all" else {variants}
     dtype = torch.bfloat16
     official = import_official()
-    results = Results("kernels", device, measure_peaks(device))
+    name = "kernels" if "eager" in RUN else "kernels_compiled"  # one results file per call of the device check
+    results = Results(name, device, measure_peaks(device), None if args.output is None else Path(args.output))
     results.extra["official_spidr"] = "0.2.0 imported" if official else "not importable: official columns absent"
     only = set(args.only or ["targets", "ema", "heads", "attention"])
     if smoke:  # SpidR's channel counts, few frames: every path runs, quickly, also in Triton's interpreter
@@ -203,10 +230,10 @@ def main(argv: list[str] | None = None) -> Results:
         bench_ema_update(results, device, official)
     if "heads" in only:
         bench_heads(results, device, head_sizes, dtype)
-    if "attention" in only:
+    if "attention" in only and "eager" in RUN:  # attention has no compiled variant: SDPA's backends are the bar
         bench_attention(results, device, attention_list, dtype, heads=12 if not smoke else 2, head_dim=64)
-    results.print_table()
-    results.write(None if args.output is None else Path(args.output))
+    results.write()
+    results.require_a_measurement()
     return results
 
 

@@ -1,13 +1,15 @@
 """A full SpidR training step, side by side: the official spidr 0.2.0 model and spidr_fast's, same config,
 same weights, same batch, same dtype, in one process.
 
-    python -m benchmarks.train_step            # on a GPU: spidr-base at the official per-GPU batch
-    python -m benchmarks.train_step --smoke    # a tiny model and batch (the default without a GPU)
+    python benchmarks/train_step.py                       # on a GPU: spidr-base at the official per-GPU batch
+    python benchmarks/train_step.py --variants compiled   # only the compiled variants (minutes of compilation)
+    python benchmarks/train_step.py --smoke               # a tiny model and batch (the default without a GPU)
 
 A step is what the official loop does: bf16 autocast forward (student, teacher, codebook assignment and EMA
 codebook update), backward, gradient clipping, fused AdamW, teacher EMA. Variants: official eager, official
-compiled (`model.compile(dynamic=True)`, as its train.py), ours eager on the reference ops, ours compiled on the
-reference ops, ours compiled with the fused ops (Triton + our flash-attention). Reported: ms/step (median),
+compiled (`model.compile(dynamic=True)`, as its train.py), ours eager on the reference ops, ours eager with the
+fused ops (Triton + our flash-attention), ours compiled on the reference ops, ours compiled with the fused ops.
+Each row is printed and saved as soon as it is measured. Reported: ms/step (median),
 frames/s, model FLOPs utilisation against the bf16 matmul peak measured in the same run, the projected hours for
 400k steps (per-GPU step time; data-parallel communication not included), and a per-phase breakdown of our
 eager step.
@@ -18,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +30,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/train_step.py` from a checkout
 
 from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
@@ -169,11 +173,16 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
     parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 12 on a GPU)")
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default: 20 s on a GPU)")
+    parser.add_argument("--variants", choices=("eager", "compiled", "all"), default=None,
+                        help="eager variants and the phase breakdown, compiled variants, or both "
+                             "(default: both on a GPU; a smoke run compiles nothing)")  # fmt: skip
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. 'official compiled'")
     parser.add_argument("--output", type=str, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
+    variants = args.variants or ("eager" if smoke else "all")
+    run = {"eager", "compiled"} if variants == "all" else {variants}
     # The official per-GPU batch: 3.8M samples, about 12 clips of 20 s at 16 kHz.
     batch_size = args.batch or (2 if smoke else 12)
     samples = int((args.seconds or (0.5 if smoke else 20.0)) * 16000)
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> Results:
     masked = batch.mask_indices.numel()
     frames = batch_size * int(num_frames(cfg, torch.tensor(samples)))
     flops = step_flops(cfg, batch_size, samples, masked)
-    results = Results("train_step", device, measure_peaks(device))
+    name = "train_step" if "eager" in run else "train_step_compiled"  # one results file per call of the device check
+    results = Results(name, device, measure_peaks(device), None if args.output is None else Path(args.output))
     shape = f"B{batch_size} x {samples / 16000:.1f}s ({frames} frames, {masked} masked)"
 
     torch.manual_seed(0)
@@ -201,8 +211,7 @@ def main(argv: list[str] | None = None) -> Results:
             return make_step(model, batch, dtype)
 
         variants["official eager"] = lambda: official_model(False)
-        if not smoke:
-            variants["official compiled"] = lambda: official_model(True)
+        variants["official compiled"] = lambda: official_model(True)
 
     def ours(backend: str | None, compiled: bool):
         def build():
@@ -214,15 +223,13 @@ def main(argv: list[str] | None = None) -> Results:
         return build
 
     variants["ours eager (reference ops)"] = ours("reference", False)
-    if not smoke:  # compiling on a CPU takes minutes: the smoke run checks the eager paths only
-        variants["ours compiled (reference ops)"] = ours("reference", True)
-        variants["ours compiled + fused ops"] = ours(None, True)
-    else:
-        variants["ours eager + fused ops"] = ours(None, False)
+    variants["ours eager + fused ops"] = ours(None, False)
+    variants["ours compiled (reference ops)"] = ours("reference", True)
+    variants["ours compiled + fused ops"] = ours(None, True)
 
     times: dict[str, float | None] = {}
     for name, build in variants.items():
-        if name in args.skip:
+        if name in args.skip or ("compiled" if "compiled" in name else "eager") not in run:
             continue
         step: Callable[[], None] | None = None
         try:
@@ -232,9 +239,9 @@ def main(argv: list[str] | None = None) -> Results:
             failure = f"{type(error).__name__}: {error}"[:160]
         ms = None if failure else median_ms(step, device=device, rep_ms=1500 if not smoke else 300, min_runs=3)
         times[name] = ms
-        row = results.add("train step", shape, name, ms, flops=flops["total"], note=failure or "")
         if ms is not None:
-            row.note = f"{frames / ms * 1000:,.0f} frames/s, {ms * TOTAL_STEPS / 3.6e6:.1f} h for 400k steps"
+            failure = f"{frames / ms * 1000:,.0f} frames/s, {ms * TOTAL_STEPS / 3.6e6:.1f} h for 400k steps"
+        results.add("train step", shape, name, ms, flops=flops["total"], note=failure or "")
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -243,8 +250,13 @@ def main(argv: list[str] | None = None) -> Results:
     if baseline:
         results.extra["speedup_vs_official"] = {k: baseline / v for k, v in times.items() if v}
     results.extra["flops_per_step"] = flops
-    phases = on_backend("reference", lambda: breakdown(copy.deepcopy(ours_template), batch, dtype, device))()
-    results.extra["breakdown_ms_ours_eager_reference"] = phases
+    breakdowns = {}
+    if "eager" in run:
+        for backend, ops_name in (("reference", "reference ops"), (None, "fused ops")):
+            phases = on_backend(backend, lambda: breakdown(copy.deepcopy(ours_template), batch, dtype, device))
+            breakdowns[ops_name] = phases()
+            results.extra["breakdown_ms_ours_eager"] = breakdowns
+            results.write(quiet=True)
     results.print_table()
     if baseline:
         against = "compiled" if times.get("official compiled") else "eager"
@@ -253,11 +265,13 @@ def main(argv: list[str] | None = None) -> Results:
     print("model FLOPs per step:")
     for part, value in flops.items():
         print(f"  {part:<30} {value / 1e12:9.3f} TFLOP")
-    print("breakdown of our eager step (ms; one process, so no communication: DDP adds the gradient buckets' "
-          "all-reduce and one flat codebook all-reduce per step):")
-    for part, ms in results.extra["breakdown_ms_ours_eager_reference"].items():
-        print(f"  {part:<30} {ms:9.2f}")
-    results.write(None if args.output is None else Path(args.output))
+    for ops_name, phases in breakdowns.items():
+        print(f"breakdown of our eager step on the {ops_name} (ms; one process, so no communication: DDP adds the "
+              "gradient buckets' all-reduce and one flat codebook all-reduce per step):")
+        for part, ms in phases.items():
+            print(f"  {part:<30} {ms:9.2f}")
+    results.write()
+    results.require_a_measurement()
     return results
 
 

@@ -2,6 +2,7 @@
 
     python -m spidr_fast.build_extension --emulate        # CPU emulator build (tests, no GPU needed)
     python -m spidr_fast.build_extension --archs 90       # nvcc build for sm_90, ptxas report with --verbose
+    python -m spidr_fast.build_extension --archs 90 --install   # and put it in the package: import spidr_fast._flash_attn
 
 Builds are cached by a hash of the sources and options, so a second call with nothing changed is instant.
 """
@@ -10,6 +11,7 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +65,15 @@ def main() -> None:
     parser.add_argument("--emulate", action="store_true", help="build for the CPU emulator instead of CUDA")
     parser.add_argument("--archs", default=os.environ.get("SPIDR_FAST_CUDA_ARCHS", "80;90"))
     parser.add_argument("--verbose", action="store_true", help="print ptxas register and spill figures")
+    parser.add_argument("--install", action="store_true", help="copy the CUDA build into the spidr_fast package")
     args = parser.parse_args()
+    if args.install and args.emulate:
+        parser.error("--install takes the CUDA build only: the emulator build is loaded by the tests themselves")
     path, log = build(emulate=args.emulate, archs=args.archs, verbose=args.verbose)
     if args.verbose:
         print(log)
+    if args.install:
+        path = Path(shutil.copy2(path, ROOT / "spidr_fast" / path.name))
     print(path)
 
 

@@ -68,6 +68,17 @@ def official():
         pytest.skip(message)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under SPIDR_FAST_REQUIRE_GPU=1 (benchmarks/device_check.sh), a `gpu` test that skips is a failure: a missing
+    device or extension must not pass as green."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("SPIDR_FAST_REQUIRE_GPU") == "1" and item.get_closest_marker("gpu"):
+        report.outcome = "failed"
+        report.longrepr = f"SPIDR_FAST_REQUIRE_GPU=1 but this gpu test skipped: {report.longrepr}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

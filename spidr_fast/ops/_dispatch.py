@@ -66,5 +66,10 @@ def implementation(op: str, device: torch.device) -> Callable:
     return _registry[op][backend_name(op, device)]
 
 
+def reference(op: str) -> Callable:
+    """The plain-PyTorch implementation of `op` itself, for callers that trace through it (torch.compile)."""
+    return _registry[op]["reference"]
+
+
 def registered_ops() -> list[str]:
     return list(_registry)

@@ -9,6 +9,7 @@ allocates every output. `use_extension` swaps in another build of it: the tests 
 (csrc/emulate/), which runs the same kernel code on CPU tensors.
 """
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -307,11 +308,17 @@ def dropout_keep_mask(
     """(heads, length, length) bool: which attention weights of the sequence starting at token `query_start`
     the kernels keep, for the same rng_state (csrc/flash/philox.h: one draw of four per 2x2 block of weights)."""
     seed, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in rng_state.cpu().tolist())
-    head, query, key = np.meshgrid(np.arange(heads), np.arange(length), np.arange(length), indexing="ij")
+    return _dropout_keep_mask(seed, offset, heads, query_start, length, dropout_p).clone()
+
+
+@functools.lru_cache(maxsize=8)  # a test's float32 and low-precision references ask for the same mask
+def _dropout_keep_mask(seed: int, offset: int, heads: int, query_start: int, length: int, dropout_p: float) -> torch.Tensor:
+    blocks = (length + 1) // 2  # one Philox call per 2x2 block: draw 2*(query & 1) + (key & 1) of its four
+    head, query_block, key_block = np.meshgrid(np.arange(heads), np.arange(blocks), np.arange(blocks), indexing="ij")
     counter = np.stack(
-        [query_start + (query & ~1), key >> 1, head, np.full_like(key, offset & 0xFFFFFFFF)], axis=-1
+        [query_start + 2 * query_block, key_block, head, np.full_like(key_block, offset & 0xFFFFFFFF)], axis=-1
     ).astype(np.uint32)
-    which = (query & 1) * 2 + (key & 1)
-    draws = np.take_along_axis(philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32), which[..., None], -1)
+    draws = philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32).reshape(heads, blocks, blocks, 2, 2)
+    draws = draws.transpose(0, 1, 3, 2, 4).reshape(heads, 2 * blocks, 2 * blocks)[:, :length, :length]
     threshold = int(np.ldexp(dropout_p, 32))
-    return torch.from_numpy(draws[..., 0] >= np.uint32(min(threshold, 2**32 - 1)))
+    return torch.from_numpy(draws >= np.uint32(min(threshold, 2**32 - 1)))
