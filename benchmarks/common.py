@@ -73,12 +73,11 @@ def _version(module: str) -> str:
 
 
 def _commit() -> tuple[str, bool | None]:
-    """The commit and whether tracked files differ from it; on a copy without .git (a device machine), the
-    commit its caller named in $SPIDR_FAST_COMMIT, cleanliness unknown (None)."""
-    commit = _git("rev-parse", "HEAD")
-    if commit == "unknown":
-        return os.environ.get("SPIDR_FAST_COMMIT", "unknown"), None
-    return commit, bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """The commit and whether tracked files differ from it. $SPIDR_FAST_COMMIT, when set, wins (cleanliness then
+    unknown, None): a device machine's copy may carry a stale .git beside the sent working tree."""
+    if os.environ.get("SPIDR_FAST_COMMIT"):
+        return os.environ["SPIDR_FAST_COMMIT"], None
+    return _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def environment(device: torch.device) -> dict[str, object]:
@@ -178,27 +177,23 @@ class Results:
         return path
 
 
-_HEADER = f"{'case':<26} {'shape':<30} {'impl':<30} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"
+_HEADER = f"{'case':<26} {'shape':<30} {'impl':<34} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"
 
 
 def _format_row(row: Row) -> str:
     fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
     note = f"  {row.note}" if row.note else ""
-    return (f"{row.case:<26} {row.shape:<30} {row.impl:<30} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
+    return (f"{row.case:<26} {row.shape:<30} {row.impl:<34} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
             f"{fmt(row.tflop_per_s, '.1f', 8)} {fmt(row.share_of_peak, '.0%', 6)}{note}")  # fmt: skip
 
 
-def on_backend(backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, run with `backend` forced at spidr_fast's ops seam (None: chosen by device)."""
-    from spidr_fast import ops
+def on_backend(backend: str | None, fn: Callable[[], object], **per_op: str) -> Callable[[], object]:
+    """fn, run with `backend` forced at spidr_fast's ops seam (None: the default dispatch) and op=backend overrides."""
+    from spidr_fast.ops import _dispatch
 
     def run() -> object:
-        previous = ops.forced_backend()
-        ops.set_backend(backend)
-        try:
+        with _dispatch.backends(backend, **per_op):
             return fn()
-        finally:
-            ops.set_backend(previous)
 
     return run
 

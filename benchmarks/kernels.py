@@ -10,7 +10,8 @@ torch.compile treats as opaque calls). Every row is printed and saved the moment
 
 Ops and what is counted (the minimum traffic or the useful FLOPs, by the usual conventions):
   codebook targets   instance norm + masked-frame selection + nearest codeword + batch statistics, 8 layers;
-                     bytes = the teacher layers read once + the codebooks
+                     bytes = the teacher layers read once + the codebooks; FLOPs = 2·L·N·K·D (the distances,
+                     which bound it on an H100: share of peak is then against the bf16 matmul rate)
   ema update         in place over 8 layers; bytes = codebook and counts read and written, statistics read
   heads CE fwd+bwd   8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
   attention fwd      FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
@@ -61,6 +62,7 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         counts = torch.ones(LAYERS, CODEWORDS, device=device)
         shape = f"L{LAYERS} B{batch} T{frames} N{n}"
         nbytes = layers.numel() * layers.element_size() + codebook.numel() * 4
+        flops = 2 * LAYERS * n * CODEWORDS * DIM
 
         def reference():
             return ops.codebook_assign(ops.instance_norm_select(layers, frame_index), codebook, counts)
@@ -75,7 +77,7 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         if official is not None:
             impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
         for impl, fn in _select(impls, {"reference compiled": reference_inline}).items():
-            _time(results, "codebook targets", shape, impl, fn, device, bytes_moved=nbytes)
+            _time(results, "codebook targets", shape, impl, fn, device, bytes_moved=nbytes, flops=flops)
 
 
 def _official_targets(official, layers, frame_index, codebook):

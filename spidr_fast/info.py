@@ -45,7 +45,10 @@ def report() -> dict[str, object]:
         "forced backend": _dispatch.forced_backend() or "none (SPIDR_FAST_BACKEND unset)",
     }
     for op in sorted(_dispatch.registered_ops()):
-        info[f"op {op}"] = _dispatch.backend_name(op, device)
+        backend = _dispatch.backend_name(op, device)
+        measured = _dispatch.MEASURED_GPU_DEFAULTS.get(op)
+        chosen_by_measurement = device.type == "cuda" and _dispatch.forced_backend(op) is None and measured
+        info[f"op {op}"] = f"{backend} ({measured[1]})" if chosen_by_measurement else backend
     return info
 
 
