@@ -48,7 +48,11 @@ def report() -> dict[str, object]:
         backend = _dispatch.backend_name(op, device)
         measured = _dispatch.MEASURED_GPU_DEFAULTS.get(op)
         chosen_by_measurement = device.type == "cuda" and _dispatch.forced_backend(op) is None and measured
-        info[f"op {op}"] = f"{backend} ({measured[1]})" if chosen_by_measurement else backend
+        if chosen_by_measurement:
+            backend = f"{backend} ({measured[1]})"
+        elif _dispatch.forced_backend(op) is not None:
+            backend = f"{backend} (forced)"
+        info[f"op {op}"] = backend
     return info
 
 
