@@ -128,6 +128,7 @@ class Results:
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._environment = environment(self.device)  # once: every row rewrites the file
         if self.device.type != "cuda":
             print(CPU_DISCLAIMER)
         print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
@@ -159,14 +160,14 @@ class Results:
             print(_format_row(row))
 
     def write(self, *, quiet: bool = False) -> Path:
-        env = environment(self.device)
+        env = self._environment
         path = self.output
         if path is None:
             card = str(env["device"]).split("(")[0].strip().replace(" ", "-").lower()
             folder = RESULTS_DIR if self.device.type == "cuda" else SMOKE_DIR  # smoke runs are not committed
             path = self.output = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"benchmark": self.benchmark, "environment": env, "command": " ".join(sys.argv),
+        payload = {"benchmark": self.benchmark, "environment": env, "command": _portable_command(),
                    "peaks": asdict(self.peaks), "cpu_smoke_run": self.device.type != "cuda",
                    "rows": [asdict(r) for r in self.rows], **self.extra}  # fmt: skip
         partial = path.with_name(path.name + ".partial")  # a kill mid-write leaves the previous file whole
@@ -175,6 +176,18 @@ class Results:
         if not quiet:
             print(f"results: {path}")
         return path
+
+
+def _portable_command() -> str:
+    """The command line, with paths relative to the checkout (a path elsewhere keeps only its file name), so a
+    committed results file names no folder of the machine that wrote it."""
+    words = []
+    for word in sys.argv:
+        path = Path(word)
+        if path.is_absolute():
+            word = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+        words.append(word)
+    return " ".join(words)
 
 
 _HEADER = f"{'case':<26} {'shape':<30} {'impl':<34} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'peak':>6}"

@@ -140,9 +140,6 @@ def bench_heads(results, device, sizes, dtype):
                        for i in range(LAYERS))  # fmt: skip
             loss.backward()
 
-        reference_loss = torch.compile(
-            lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False)
-
         impls = {"fused (triton)": on_backend("triton", fused_step), "reference eager": on_backend("reference", fused_step)}
         if hasattr(F, "linear_cross_entropy"):
             impls["F.linear_cross_entropy"] = linear_cross_entropy
@@ -150,7 +147,11 @@ def bench_heads(results, device, sizes, dtype):
             results.add("heads CE fwd+bwd", shape, "F.linear_cross_entropy", None,
                         note=f"not in torch {torch.__version__}")  # fmt: skip
         # The backward of a compiled forward is compiled too (AOT autograd); compile it here, not in _select.
-        compiled = {"reference compiled": lambda: reference_loss().backward()} if "compiled" in RUN else {}
+        compiled = {}
+        if "compiled" in RUN:
+            reference_loss = torch.compile(
+                lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False)
+            compiled["reference compiled"] = lambda: reference_loss().backward()
         for impl, fn in {**_select(impls), **compiled}.items():
             _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)
 

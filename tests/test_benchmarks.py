@@ -70,3 +70,12 @@ def test_rows_are_saved_as_they_are_measured(tmp_path):
     results = Results("kernels", torch.device("cpu"), Peaks(1.0, 1.0), out)
     results.add("case", "shape", "impl", 2.0, flops=4e9)
     assert json.loads(out.read_text())["rows"][0]["tflop_per_s"] == 2.0
+
+
+def test_results_name_no_folder_of_the_machine_that_wrote_them(monkeypatch):
+    import sys
+
+    from benchmarks.common import ROOT, _portable_command
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "kernels.py"), "--output", "/root/out/kernels.json"])
+    assert _portable_command() == "benchmarks/kernels.py --output kernels.json"
