@@ -121,6 +121,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
 
 
+def test_a_run_folder_of_another_model_is_named_not_loaded(tmp_path, capsys):
+    """Resuming with a changed model config names the differing field (it raised a state-dict error), and the
+    folder's config.json still describes the checkpoints in it."""
+    cli = tiny_cli_args(tmp_path, "--set=optimizer.max_steps=2")
+    assert main(cli) == 0
+    saved_config = (tmp_path / "config.json").read_text()
+    assert main([*cli, "--set=model.encoder_num_layers=3"]) == 2
+    error = capsys.readouterr().err
+    assert "model.encoder_num_layers: 4 in the checkpoint, 3 now" in error and "--run-dir" in error
+    assert (tmp_path / "config.json").read_text() == saved_config
+
+
 def _batches(trainer, count):
     it = trainer._batches()
     return [next(it) for _ in range(count)]

@@ -116,11 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = (args.run_dir or cfg.run.dir).resolve()
     ctx = distributed.setup(args.device)
     try:
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         trainer = Trainer(cfg, run_dir, ctx, compile_backend="inductor" if args.compile or cfg.run.compile else None, profile=args.profile,
                           progress=not args.no_progress)  # fmt: skip
+        if ctx.is_main:  # after the Trainer: a folder holding another model's run keeps its config.json
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         summary = trainer.fit()
         export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
         if ctx.is_main:

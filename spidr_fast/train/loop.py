@@ -119,6 +119,7 @@ class Trainer:
         self.step, self.epoch, self.position, self.nonfinite_in_a_row, self.skipped_files = 0, 0, 0, 0, 0
         state = checkpoint.load_latest(self.checkpoint_dir)
         if state is not None:
+            _check_same_model(state.get("config", {}), dataclasses.asdict(cfg), self.checkpoint_dir)
             self.model.load_state_dict(state["model"])
             self.step = state["step"]
             if self.step >= cfg.model.freeze_step:
@@ -389,3 +390,14 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, int | float) and math.isfinite(value):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    """A run folder resumes only the model it holds: name the differing fields instead of a state-dict error."""
+    differences = [f"{section}.{name}: {saved[section][name]!r} in the checkpoint, {value!r} now"
+                   for section in ("model", "run") if section in saved
+                   for name, value in current[section].items()
+                   if (section == "model" or name == "model_type") and saved[section].get(name, value) != value]  # fmt: skip
+    if differences:
+        raise ValueError(f"{folder} holds checkpoints of another model ({'; '.join(differences)}): resume with "
+                         "the same model config, or start a new run with --run-dir")
