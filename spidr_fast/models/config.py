@@ -47,11 +47,6 @@ class DinoSRConfig:
     ema_exclude_layers: list[str] = field(default_factory=lambda: ["pos_conv_embed"])
     freeze_step: int = 200_000  # freeze_teacher_step
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_codebooks <= self.encoder_num_layers:
-            raise ValueError(f"num_codebooks ({self.num_codebooks}) must be between 1 and encoder_num_layers "
-                             f"({self.encoder_num_layers}): each codebook reads one of the last layers")  # fmt: skip
-
 
 @dataclass(frozen=True)
 class SpidRConfig(DinoSRConfig):
