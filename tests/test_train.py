@@ -77,6 +77,8 @@ def test_cli_names_a_bad_config_field(tmp_path, capsys):
     assert "model.encoder_num_layers must be int, got True" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--manifest", str(tmp_path / "missing.tsv")]) == 2
     assert "manifest not found" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--set", "model.encoder_num_layers=2"]) == 2  # 4 codebooks by default
+    assert "model.num_codebooks (4) must be between 1 and model.encoder_num_layers (2)" in capsys.readouterr().err
 
 
 def test_official_config_file_is_read_as_it_is(tmp_path):

@@ -136,10 +136,14 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     run = _build(RunConfig, "run", raw.get("run", {}))
     model_class = SpidRConfig if run.model_type == "spidr" else DinoSRConfig
     validation = raw.get("validation", {})
+    model = _build(model_class, "model", raw.get("model", {}))
+    if not 1 <= model.num_codebooks <= model.encoder_num_layers:  # training reads one teacher layer per codebook
+        raise ValueError(f"model.num_codebooks ({model.num_codebooks}) must be between 1 and "
+                         f"model.encoder_num_layers ({model.encoder_num_layers}) to train")  # fmt: skip
     return TrainConfig(
         run=run,
         data=_build(DataConfig, "data", raw.get("data", {})),
-        model=_build(model_class, "model", raw.get("model", {})),
+        model=model,
         optimizer=_build(OptimizerConfig, "optimizer", raw.get("optimizer", {})),
         masking=_build(MaskingConfig, "masking", raw.get("masking", {})),
         validation={name: _build(DataConfig, f"validation.{name}", v) for name, v in validation.items()},
