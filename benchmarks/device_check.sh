@@ -7,7 +7,11 @@
 #   bash benchmarks/device_check.sh compiled [RESULTS_DIR]     the torch.compile variants of both benchmarks, 490 s
 #   bash benchmarks/device_check.sh --rehearse [RESULTS_DIR]   every stage on a CPU (emulator, interpreter, smoke
 #                                                              shapes), same files: a script bug shows here first
+#   ... --only STAGE[,STAGE]                                   just these stages (e.g. --only kernels on a second
+#                                                              call); the others are not run and not counted
 #
+# DEVICE_CHECK_LIMIT_SCALE multiplies every stage's time limit (e.g. 1.5 on an A100, which is slower than an H100).
+# The exit status is 0 when the verdict is PASS, 1 otherwise.
 # RESULTS_DIR defaults to $OUT, else .benchmarks/device-check. It receives at most 7 files: summary.txt (first line
 # PASS, or FAIL and the stages that failed, or INCOMPLETE), build.log (ptxas registers and spills per kernel),
 # check.log (import, tests, sanitizer), bench.log, and the results JSON of each benchmark, every row written as
@@ -16,24 +20,45 @@
 # Afterwards: copy the JSON files into benchmarks/results/ and run python -m benchmarks.report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=eager
-case "${1:-}" in
-  compiled) MODE=compiled; shift ;;
-  --rehearse) MODE=rehearse; shift ;;
-esac
+MODE=eager ONLY=""
+while (($#)); do
+  case $1 in
+    compiled) MODE=compiled ;;
+    --rehearse) MODE=rehearse ;;
+    --only) ONLY=",$2,"; shift ;;
+    *) break ;;
+  esac
+  shift
+done
 RESULTS=${1:-${OUT:-.benchmarks/device-check}}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 WHEELS=${WHEELS:-.whl}
 export WHEELS PYTHONUNBUFFERED=1 SPIDR_FAST_CUDA_ARCHS=${SPIDR_FAST_CUDA_ARCHS:-90}
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-SUMMARY="$RESULTS/summary.txt" LINES=$(mktemp)  # stage lines live outside RESULTS: every file there comes back
+SCRATCH=$(mktemp -d)  # outside RESULTS (every file there comes back): the carried wheels, the stage lines
+trap 'rm -rf "$SCRATCH"' EXIT
+SITE="$SCRATCH/site" LINES="$SCRATCH/stages" SUMMARY="$RESULTS/summary.txt"
 : > "$LINES"
-FAILED=() DONE=0
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [[ $MODE == rehearse ]]; then
+  # The GPU machine lacks these; here they are made unimportable, so a stage that needs one fails in the rehearsal.
+  for missing in soundfile nvtx; do
+    echo "raise ImportError('the GPU machine has no $missing: carry its wheel (benchmarks/fetch_wheels.sh)')" \
+      > "$SCRATCH/$missing.py"
+  done
+  PYTHONPATH="$PYTHONPATH:$SCRATCH"
+fi
 case $MODE in
-  compiled) STAGES=5 ;;
-  *) STAGES=7 ;;
+  compiled) STAGE_NAMES="environment build import train_step kernels" ;;
+  *) STAGE_NAMES="environment build import tests sanitizer kernels train_step" ;;
 esac
+STAGES=0
+for name in $STAGE_NAMES; do [[ -z $ONLY || $ONLY == *",$name,"* ]] && STAGES=$((STAGES + 1)); done
+for name in ${ONLY//,/ }; do
+  [[ " $STAGE_NAMES " == *" $name "* ]] || { echo "--only: no stage '$name' in $MODE mode ($STAGE_NAMES)" >&2; exit 2; }
+done
+FAILED=() DONE=0
+SCALE=${DEVICE_CHECK_LIMIT_SCALE:-1}
 
 write_summary() {  # first line: the verdict so far; then one line per stage
   local verdict="PASS"
@@ -43,7 +68,9 @@ write_summary() {  # first line: the verdict so far; then one line per stage
 }
 
 step() {  # step NAME LOG TIMEOUT_S COMMAND...: run with a time limit, append to LOG, record the outcome
-  local name=$1 log=$2 limit=$3; shift 3
+  local name=$1 log=$2 limit; shift 2
+  [[ -z $ONLY || $ONLY == *",$name,"* ]] || return 0
+  limit=$(awk -v s="$1" -v k="$SCALE" 'BEGIN { l = int(s * k + 0.5); print (l < 1 ? 1 : l) }'); shift
   local start=$SECONDS
   echo "=== $name (limit $limit s) ===" >> "$RESULTS/$log"
   timeout --kill-after=10 "$limit" "$@" >> "$RESULTS/$log" 2>&1
@@ -67,7 +94,7 @@ exit $((first | second))'
 write_summary
 # The carried wheels (the official spidr requires Python 3.12 on paper; it runs on 3.11 too).
 step environment check.log 30 bash -c 'if compgen -G "$WHEELS/*.whl" > /dev/null; then python3 -m pip install -q \
-  --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python --upgrade --target /tmp/site "$WHEELS"/*.whl \
+  --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python --upgrade --target "$SITE" "$WHEELS"/*.whl \
   || exit 1; fi; date -u; nvidia-smi 2>&1 | head -15; python3 -c "
 import torch, triton, numpy, sys
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton.__version__, \"numpy\", numpy.__version__)
@@ -95,10 +122,10 @@ elif [[ $MODE == eager ]]; then
 import torch
 from spidr_fast import info
 from spidr_fast.ops import flash_attention
-assert torch.cuda.is_available(), "torch sees no CUDA device"
 module = flash_attention.extension()
-assert module is not None, "spidr_fast._flash_attn does not import"
+assert module is not None, "spidr_fast._flash_attn does not import: the build stage installed no extension"
 assert not module.emulated, "spidr_fast._flash_attn is the CPU emulator build"
+assert torch.cuda.is_available(), "torch sees no CUDA device"
 info.main()'
   step tests check.log 120 env SPIDR_FAST_REQUIRE_GPU=1 bash -c "$GPU_TESTS"
   # API errors that torch raises while it probes the device are not ours: only memory errors count.
@@ -127,5 +154,5 @@ fi
 python3 -c "import spidr.models" 2> /dev/null || echo "official spidr not importable: official columns absent" \
   | tee -a "$LINES"
 write_summary
-rm -f "$LINES"
 echo "$(head -1 "$SUMMARY"); results and logs: $RESULTS"
+[[ $(head -1 "$SUMMARY") == PASS* ]]
