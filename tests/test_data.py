@@ -11,7 +11,8 @@ import soundfile
 import torch
 
 from spidr_fast.data import manifest as manifest_module
-from spidr_fast.data.loading import AudioSource, BucketBatchSampler, Collator, DataConfig, SpeechDataset
+from spidr_fast.data.loading import (AudioSource, BucketBatchSampler, Clip, Collator, DataConfig, SpeechDataset,
+                                     build_source)  # fmt: skip
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, PHONES, SAMPLE_RATE, SyntheticCorpus
 from spidr_fast.models import SpidRConfig
@@ -138,13 +139,23 @@ def test_corrupt_audio_is_skipped_and_wrong_format_is_an_error(tmp_path, caplog)
     write_wav(tmp_path / "slow.wav", 4_000, rate=8_000)
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\ngood.wav\t4000\ncorrupt.wav\t4000\nstereo.wav\t4000\nslow.wav\t4000\n")
     dataset = SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=True)
-    waveform, _ = dataset[(0, 1)]
-    assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5
-    assert dataset[(1, 1)] == (None, 1)
+    clips = [Clip(index, 0, 4_000, torch.Generator().get_state()) for index in range(4)]
+    waveform, clip = dataset[clips[0]]
+    assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5 and clip is clips[0]
+    assert dataset[clips[1]] == (None, clips[1])
     assert "corrupt.wav" in caplog.text
     for index, name in ((2, "stereo.wav"), (3, "slow.wav")):
         with pytest.raises(ValueError, match=f"{name}: expected mono audio at 16000 Hz"):
-            dataset[(index, 1)]
+            dataset[clips[index]]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_file_shorter_than_its_manifest_says_is_skipped_and_named(tmp_path, caplog, normalize):
+    write_wav(tmp_path / "short.wav", 3_000)
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\nshort.wav\t4000\n")
+    clip = Clip(0, 500, 3_000, torch.Generator().get_state())
+    assert SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=normalize)[clip] == (None, clip)
+    assert "short.wav: the manifest says 4000 samples, the file ends before sample 3500" in caplog.text
 
 
 # --- batches -------------------------------------------------------------------------------------------------------
@@ -154,11 +165,11 @@ def test_batches_fit_the_budget_and_cover_every_utterance_once():
     lengths = [int(n) for n in np.random.default_rng(0).integers(2_000, 40_000, 200)]
     cfg = DataConfig(max_sample_size=32_000, max_batch_length=100_000, num_buckets=8)
     sampler = BucketBatchSampler(lengths, cfg)
-    batches = [[i for i, _ in b] for b in sampler]
+    batches = [[clip.index for clip in b] for b in sampler]
     assert all(sum(min(lengths[i], 32_000) for i in b) <= 100_000 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(200))
     sampler.set_epoch(1)
-    assert [[i for i, _ in b] for b in sampler] != batches  # reshuffled
+    assert [[clip.index for clip in b] for b in sampler] != batches  # reshuffled
 
 
 def test_ranks_get_the_same_number_of_distinct_batches_and_resume_skips():
@@ -166,26 +177,67 @@ def test_ranks_get_the_same_number_of_distinct_batches_and_resume_skips():
     cfg = DataConfig(max_sample_size=32_000, max_batch_length=40_000, num_buckets=1)
     ranks = [list(BucketBatchSampler(lengths, cfg, rank=r, world_size=3)) for r in range(3)]
     assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(BucketBatchSampler(lengths, cfg, world_size=3))
-    seeds = [seed for r in ranks for b in r for _, seed in b[:1]]
-    assert len(set(seeds)) == len(seeds)  # every batch draws its own crops and masks
+    states = [b[0].batch_rng_state for r in ranks for b in r]
+    assert all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[:i])  # each batch its own crops
     resumed = BucketBatchSampler(lengths, cfg, rank=1, world_size=3)
     resumed.set_epoch(0, start=2)
-    assert list(resumed) == ranks[1][2:]
+    assert all(a.index == b.index and a.start == b.start and torch.equal(a.batch_rng_state, b.batch_rng_state)
+               for a, b in zip(sum(list(resumed), []), sum(ranks[1][2:], []), strict=True))  # fmt: skip
 
 
+def whole_file_batch(source, indices, seed, cfg, masking, frames_of):
+    """The pipeline before crops were planned, as an oracle: decode whole files, normalise, crop in the collator."""
+    generator = torch.Generator().manual_seed(seed)
+    waveforms = [torch.from_numpy(source.load(i)) for i in indices]
+    if cfg.normalize:
+        waveforms = [torch.nn.functional.layer_norm(w, w.shape) for w in waveforms]
+    lengths = [min(len(w), cfg.max_sample_size) for w in waveforms]
+    target = max(lengths) if cfg.enable_padding else min(lengths)
+    clips = []
+    for waveform, length in zip(waveforms, lengths, strict=True):
+        size, offset = min(length, target), 0
+        if cfg.rand_crop and len(waveform) > size:
+            offset = int(torch.randint(len(waveform) - size + 1, (1,), generator=generator))
+        clips.append(torch.nn.functional.pad(waveform[offset : offset + size], (0, target - size)))
+    frames = frames_of(torch.tensor([min(n, target) for n in lengths]))
+    return torch.stack(clips), frames, compute_mask_indices(masking, frames, generator)
+
+
+@pytest.mark.parametrize("audio_format", ["flac", "wav"])
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("padding", [False, True])
-def test_collator_crops_or_pads_and_masks(padding):
+def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp_path, audio_format, normalize, padding):
+    manifest = SyntheticCorpus(num_utterances=9, min_seconds=0.5, max_seconds=2.0).write(tmp_path, audio_format)
+    cfg = DataConfig(manifest=str(manifest), normalize=normalize, enable_padding=padding, max_sample_size=12_000,
+                     max_batch_length=40_000, num_buckets=3)  # fmt: skip
+    model_cfg, masking = SpidRConfig(), MaskingConfig()
+    frames_of = partial(num_frames, model_cfg)
+    source = build_source(cfg)
+    sampler = BucketBatchSampler([source.num_samples(i) for i in range(len(source))], cfg)
+    dataset, collate = SpeechDataset(source, normalize=normalize), Collator(masking, frames_of)
+    cropped = 0
+    for position, clips in enumerate(sampler):
+        batch = collate([dataset[clip] for clip in clips])
+        waveforms, frames, mask_indices = whole_file_batch(source, [c.index for c in clips],
+                                                           sampler.batch_seed(position), cfg, masking, frames_of)
+        assert torch.equal(batch.waveforms, waveforms) and torch.equal(batch.mask_indices, mask_indices)
+        if padding and bool((frames < frames.max()).any()):
+            assert batch.attention_mask.view(len(clips), -1).sum(1).tolist() == frames.tolist()
+        else:
+            assert batch.attention_mask is None
+        cropped += sum(c.num_samples < source.num_samples(c.index) for c in clips)
+    assert cropped > 0  # the case that decodes less was tried
+
+
+def test_collator_pads_to_the_longest_clip_left_and_counts_the_skipped():
     model_cfg = SpidRConfig()
-    collate = Collator(DataConfig(enable_padding=padding), MaskingConfig(), partial(num_frames, model_cfg))
-    items = [(torch.randn(n), 5) for n in (16_000, 24_000, 20_000)] + [(None, 5)]
-    batch = collate(items)
-    assert batch.skipped == 1
-    assert batch.waveforms.shape == (3, 24_000 if padding else 16_000)
-    frames = int(num_frames(model_cfg, torch.tensor(batch.waveforms.shape[1])))
-    if padding:
-        assert batch.attention_mask.shape == (3, 1, 1, frames)
-        assert batch.attention_mask.view(3, -1).sum(1).tolist() == num_frames(model_cfg, torch.tensor([16_000, 24_000, 20_000])).tolist()
-        assert int(batch.mask_indices.max()) < frames
-    else:
-        assert batch.attention_mask is None
-    assert torch.equal(collate(items).mask_indices, batch.mask_indices)  # seeded by the batch
+    collate = Collator(MaskingConfig(), partial(num_frames, model_cfg))
+    state = torch.Generator().manual_seed(5).get_state()
+    items = [(torch.randn(n), Clip(i, 0, n, state)) for i, n in enumerate((16_000, 24_000, 20_000))]
+    batch = collate([*items, (None, Clip(3, 0, 30_000, state))])
+    assert batch.skipped == 1 and batch.waveforms.shape == (3, 24_000)
+    frames = num_frames(model_cfg, torch.tensor([16_000, 24_000, 20_000]))
+    assert batch.attention_mask.shape == (3, 1, 1, int(frames.max()))
+    assert batch.attention_mask.view(3, -1).sum(1).tolist() == frames.tolist()
+    assert int(batch.mask_indices.max()) < int(frames.max())
+    assert torch.equal(collate(items).mask_indices, batch.mask_indices)  # drawn from the batch's generator state

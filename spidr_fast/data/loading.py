@@ -1,14 +1,19 @@
-"""From a manifest (or the synthetic corpus) to batches: decoding, length-bucketed batches under a samples budget,
-distributed sharding with the same number of batches per rank, cropping or padding, and masks as indices.
+"""From a manifest (or the synthetic corpus) to batches: length-bucketed batches under a samples budget,
+distributed sharding with the same number of batches per rank, crops planned before decoding, padding, and masks
+as indices.
 
 Every random choice of a batch (crop offsets, masks) comes from a generator seeded by (seed, epoch, position),
 so a batch is the same whichever worker makes it, and a resumed run sees exactly the batches it would have seen.
+The crops depend only on that generator and the manifest's lengths, so the sampler draws them and a worker
+decodes just the samples its crop keeps (FLAC and WAV seek by sample). With `normalize`, the whole file is still
+decoded: the official recipe normalises over the whole utterance, and the crop's own statistics would differ.
 """
 
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,7 +77,8 @@ class AudioSource:
     def name(self, index: int) -> str:
         return str(self.entries[index].path)
 
-    def load(self, index: int) -> np.ndarray:
+    def load(self, index: int, start: int = 0, num_samples: int = -1) -> np.ndarray:
+        """Samples [start, start + num_samples) of the utterance (to its end with -1), float32."""
         import soundfile
 
         path = self.entries[index].path
@@ -80,7 +86,9 @@ class AudioSource:
             if audio.samplerate != SAMPLE_RATE or audio.channels != 1:
                 raise ValueError(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
                                  f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
-            return audio.read(dtype="float32")
+            if start:
+                audio.seek(start)
+            return audio.read(frames=num_samples, dtype="float32")
 
 
 class SyntheticSource:
@@ -99,8 +107,9 @@ class SyntheticSource:
     def name(self, index: int) -> str:
         return f"synthetic utterance {index}"
 
-    def load(self, index: int) -> np.ndarray:
-        return self.corpus.waveform(index)
+    def load(self, index: int, start: int = 0, num_samples: int = -1) -> np.ndarray:
+        waveform = self.corpus.waveform(index)
+        return waveform[start : None if num_samples < 0 else start + num_samples]
 
 
 def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
@@ -109,8 +118,34 @@ def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
     return SyntheticSource(SyntheticCorpus(num_utterances=cfg.synthetic_utterances, seed=cfg.synthetic_seed))
 
 
+class Clip(NamedTuple):
+    """One item of a batch: samples [start, start + num_samples) of utterance `index`, and the state of the batch's
+    generator after its crops were drawn (the collator draws the masks from it)."""
+
+    index: int
+    start: int
+    num_samples: int
+    batch_rng_state: Tensor
+
+
+def plan_crops(lengths: list[int], cfg: DataConfig, seed: int) -> tuple[list[tuple[int, int]], Tensor]:
+    """Crop every utterance to the batch's shortest (capped at max_sample_size; random offsets with rand_crop) or,
+    with enable_padding, keep it up to max_sample_size; returns each (start, num_samples) and the generator state."""
+    generator = torch.Generator().manual_seed(seed)
+    capped = [min(n, cfg.max_sample_size) for n in lengths]
+    clip_samples = max(capped) if cfg.enable_padding else min(capped)
+    crops = []
+    for length, kept in zip(lengths, capped, strict=True):
+        size = min(kept, clip_samples)
+        start = 0
+        if cfg.rand_crop and length > size:
+            start = int(torch.randint(length - size + 1, (1,), generator=generator))
+        crops.append((start, size))
+    return crops, generator.get_state()
+
+
 class SpeechDataset(Dataset):
-    """Items are (index, batch seed) pairs from `BucketBatchSampler`; an unreadable file gives None, logged."""
+    """Items are `Clip`s from `BucketBatchSampler`; an unreadable file gives None, logged."""
 
     def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool) -> None:
         self.source = source
@@ -119,28 +154,36 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int]:
-        index, batch_seed = item
+    def __getitem__(self, clip: Clip) -> tuple[Tensor | None, Clip]:
         try:
-            waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(index)))
+            if self.normalize:  # over the whole utterance, as the official recipe does, then the crop
+                waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(clip.index)))
+                waveform = F.layer_norm(waveform, waveform.shape)[clip.start : clip.start + clip.num_samples]
+            else:
+                waveform = torch.from_numpy(self.source.load(clip.index, clip.start, clip.num_samples))
         except ValueError:
             raise  # a wrong format is a configuration error, not a corrupt file
         except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
-            logger.warning("skipping unreadable audio %s: %s", self.source.name(index), error)
-            return None, batch_seed
-        if self.normalize:
-            waveform = F.layer_norm(waveform, waveform.shape)
-        return waveform, batch_seed
+            logger.warning("skipping unreadable audio %s: %s", self.source.name(clip.index), error)
+            return None, clip
+        if len(waveform) < clip.num_samples:
+            logger.warning("skipping %s: the manifest says %d samples, the file ends before sample %d",
+                           self.source.name(clip.index), self.source.num_samples(clip.index),
+                           clip.start + clip.num_samples)  # fmt: skip
+            return None, clip
+        return waveform, clip
 
 
-class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+class BucketBatchSampler(Sampler[list[Clip]]):
     """Batches of utterances of similar length whose total length (capped at max_sample_size) fits
     max_batch_length; shuffled per epoch; each rank takes every world_size-th batch, padded so all ranks
-    get the same count. `start` skips the batches a resumed run has already trained on."""
+    get the same count. `start` skips the batches a resumed run has already trained on. Each batch comes with
+    its crops planned (`plan_crops`)."""
 
     def __init__(self, lengths: list[int], cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.num_samples = lengths
         kept = [(min(n, cfg.max_sample_size), i) for i, n in enumerate(lengths) if n >= cfg.min_sample_size]
         if not kept:
             raise ValueError(f"no utterance of at least data.min_sample_size = {cfg.min_sample_size} samples")
@@ -181,11 +224,16 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return len(self._epoch_batches()) // self.world_size
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def batch_seed(self, position: int) -> int:
+        """The seed of this rank's batch at `position` in the epoch: its crops and masks come from it."""
+        return hash((self.cfg.random_seed, self.epoch, self.rank, position)) & 0x7FFF_FFFF_FFFF
+
+    def __iter__(self) -> Iterator[list[Clip]]:
         mine = self._epoch_batches()[self.rank :: self.world_size]
         for position in range(self.start, len(mine)):
-            seed = hash((self.cfg.random_seed, self.epoch, self.rank, position)) & 0x7FFF_FFFF_FFFF
-            yield [(index, seed) for index in mine[position]]
+            crops, rng_state = plan_crops([self.num_samples[i] for i in mine[position]], self.cfg,
+                                          self.batch_seed(position))  # fmt: skip
+            yield [Clip(index, start, size, rng_state) for index, (start, size) in zip(mine[position], crops, strict=True)]
 
 
 @dataclass
@@ -207,33 +255,26 @@ class Batch:
 
 
 class Collator:
-    """Crop every clip to the batch's shortest (random offsets) or pad to its longest, then draw the masks."""
+    """Pad the cropped clips to the batch's longest, then draw the masks."""
 
-    def __init__(self, cfg: DataConfig, masking: MaskingConfig, frames_of) -> None:  # noqa: ANN001 - samples → frames
-        self.cfg, self.masking, self.frames_of = cfg, masking, frames_of
+    def __init__(self, masking: MaskingConfig, frames_of) -> None:  # noqa: ANN001 - samples → frames
+        self.masking, self.frames_of = masking, frames_of
 
-    def __call__(self, items: list[tuple[Tensor | None, int]]) -> Batch | None:
-        seed = items[0][1]
+    def __call__(self, items: list[tuple[Tensor | None, Clip]]) -> Batch:
         waveforms = [w for w, _ in items if w is not None]
         skipped = len(items) - len(waveforms)
         if not waveforms:
             return Batch(torch.zeros(0, 0), None, torch.zeros(0, 0, dtype=torch.int64), skipped)
-        generator = torch.Generator().manual_seed(seed)
-        lengths = [min(len(w), self.cfg.max_sample_size) for w in waveforms]
-        target = max(lengths) if self.cfg.enable_padding else min(lengths)
-        clips = []
-        for waveform, length in zip(waveforms, lengths, strict=True):
-            size = min(length, target)
-            offset = 0
-            if self.cfg.rand_crop and len(waveform) > size:
-                offset = int(torch.randint(len(waveform) - size + 1, (1,), generator=generator))
-            clips.append(F.pad(waveform[offset : offset + size], (0, target - size)))
-        frames = self.frames_of(torch.tensor([min(n, target) for n in lengths]))
+        generator = torch.Generator()
+        generator.set_state(items[0][1].batch_rng_state)
+        width = max(len(w) for w in waveforms)
+        clips = torch.stack([F.pad(w, (0, width - len(w))) for w in waveforms])
+        frames = self.frames_of(torch.tensor([len(w) for w in waveforms]))
         total = int(frames.max())
         attention_mask = None
         if bool((frames < total).any()):
             attention_mask = (torch.arange(total) < frames.unsqueeze(1))[:, None, None, :]
-        return Batch(torch.stack(clips), attention_mask, compute_mask_indices(self.masking, frames, generator), skipped)
+        return Batch(clips, attention_mask, compute_mask_indices(self.masking, frames, generator), skipped)
 
 
 def build_loader(
@@ -252,7 +293,7 @@ def build_loader(
     return DataLoader(
         SpeechDataset(source, normalize=cfg.normalize),
         batch_sampler=sampler,
-        collate_fn=Collator(cfg, masking, frames_of),
+        collate_fn=Collator(masking, frames_of),
         num_workers=workers,
         pin_memory=pin_memory and cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if workers else None,

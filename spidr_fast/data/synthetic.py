@@ -100,18 +100,21 @@ class SyntheticCorpus:
         return _synthesize(self.labels(utterance), self.speaker(self.speaker_of(utterance)),
                            np.random.default_rng([self.seed, 3, utterance]))  # fmt: skip
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write wav files, `alignments.jsonl` (phones every 10 ms) and a fairseq manifest; returns the manifest."""
+    def write(self, out_dir: str | Path, audio_format: str = "wav") -> Path:
+        """Write 16-bit audio files (`audio_format`: wav or flac), `alignments.jsonl` (phones every 10 ms) and a
+        fairseq manifest; returns the manifest."""
         import soundfile
 
+        if audio_format not in ("wav", "flac"):
+            raise ValueError(f"audio_format must be 'wav' or 'flac', got {audio_format!r}")
         out = Path(out_dir)
-        (out / "wav").mkdir(parents=True, exist_ok=True)
+        (out / audio_format).mkdir(parents=True, exist_ok=True)
         rows, alignments = [str(out.resolve())], []
         for i in range(self.num_utterances):
             name = f"utt{i:05d}"
             waveform = self.waveform(i)
-            soundfile.write(out / "wav" / f"{name}.wav", waveform, SAMPLE_RATE, subtype="PCM_16")
-            rows.append(f"wav/{name}.wav\t{len(waveform)}")
+            soundfile.write(out / audio_format / f"{name}.{audio_format}", waveform, SAMPLE_RATE, subtype="PCM_16")
+            rows.append(f"{audio_format}/{name}.{audio_format}\t{len(waveform)}")
             phones = [PHONE_NAMES[p] for p in self.labels(i)]
             alignments.append(json.dumps({"fileid": name, "speaker": f"spk{self.speaker_of(i)}", "phones": phones}))
         (out / "alignments.jsonl").write_text("\n".join(alignments) + "\n", encoding="utf-8")
