@@ -140,9 +140,9 @@ def test_corrupt_audio_is_skipped_and_wrong_format_is_an_error(tmp_path, caplog)
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\ngood.wav\t4000\ncorrupt.wav\t4000\nstereo.wav\t4000\nslow.wav\t4000\n")
     dataset = SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=True)
     clips = [Clip(index, 0, 4_000, torch.Generator().get_state()) for index in range(4)]
-    waveform, clip = dataset[clips[0]]
-    assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5 and clip is clips[0]
-    assert dataset[clips[1]] == (None, clips[1])
+    waveform = dataset[clips[0]]
+    assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5
+    assert dataset[clips[1]] is None
     assert "corrupt.wav" in caplog.text
     for index, name in ((2, "stereo.wav"), (3, "slow.wav")):
         with pytest.raises(ValueError, match=f"{name}: expected mono audio at 16000 Hz"):
@@ -154,7 +154,7 @@ def test_a_file_shorter_than_its_manifest_says_is_skipped_and_named(tmp_path, ca
     write_wav(tmp_path / "short.wav", 3_000)
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\nshort.wav\t4000\n")
     clip = Clip(0, 500, 3_000, torch.Generator().get_state())
-    assert SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=normalize)[clip] == (None, clip)
+    assert SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=normalize)[clip] is None
     assert "short.wav: the manifest says 4000 samples, the file ends before sample 3500" in caplog.text
 
 
@@ -217,7 +217,7 @@ def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp
     dataset, collate = SpeechDataset(source, normalize=normalize), Collator(masking, frames_of)
     cropped = 0
     for position, clips in enumerate(sampler):
-        batch = collate([dataset[clip] for clip in clips])
+        batch = collate(dataset.__getitems__(clips))
         waveforms, frames, mask_indices = whole_file_batch(source, [c.index for c in clips],
                                                            sampler.batch_seed(position), cfg, masking, frames_of)
         assert torch.equal(batch.waveforms, waveforms) and torch.equal(batch.mask_indices, mask_indices)
@@ -229,15 +229,23 @@ def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp
     assert cropped > 0  # the case that decodes less was tried
 
 
-def test_collator_pads_to_the_longest_clip_left_and_counts_the_skipped():
+def test_a_batch_drops_the_rows_of_unreadable_files_and_pads_to_the_longest_left(tmp_path, caplog):
+    for name, samples in (("a.wav", 16_000), ("b.wav", 24_000), ("c.wav", 20_000)):
+        write_wav(tmp_path / name, samples)
+    (tmp_path / "d.wav").write_bytes(b"RIFF\x00\x00garbage")
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t16000\nb.wav\t24000\nc.wav\t20000\nd.wav\t30000\n")
+    dataset = SpeechDataset(AudioSource(tmp_path / "m.tsv"), normalize=False)
+    state = torch.Generator().manual_seed(5).get_state()
+    clips = [Clip(i, 0, n, state) for i, n in enumerate((16_000, 24_000, 20_000, 30_000))]
     model_cfg = SpidRConfig()
     collate = Collator(MaskingConfig(), partial(num_frames, model_cfg))
-    state = torch.Generator().manual_seed(5).get_state()
-    items = [(torch.randn(n), Clip(i, 0, n, state)) for i, n in enumerate((16_000, 24_000, 20_000))]
-    batch = collate([*items, (None, Clip(3, 0, 30_000, state))])
-    assert batch.skipped == 1 and batch.waveforms.shape == (3, 24_000)
+    batch = collate(dataset.__getitems__(clips))
+    assert batch.skipped == 1 and batch.waveforms.shape == (3, 24_000) and "d.wav" in caplog.text
+    for row, index in zip(batch.waveforms, range(3), strict=True):
+        assert torch.equal(row[: clips[index].num_samples], dataset[clips[index]])
+        assert not row[clips[index].num_samples :].any()
     frames = num_frames(model_cfg, torch.tensor([16_000, 24_000, 20_000]))
     assert batch.attention_mask.shape == (3, 1, 1, int(frames.max()))
     assert batch.attention_mask.view(3, -1).sum(1).tolist() == frames.tolist()
     assert int(batch.mask_indices.max()) < int(frames.max())
-    assert torch.equal(collate(items).mask_indices, batch.mask_indices)  # drawn from the batch's generator state
+    assert torch.equal(collate(dataset.__getitems__(clips[:3])).mask_indices, batch.mask_indices)  # the batch's seed

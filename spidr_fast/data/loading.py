@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from spidr_fast.data.manifest import read_manifest
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
@@ -77,8 +77,9 @@ class AudioSource:
     def name(self, index: int) -> str:
         return str(self.entries[index].path)
 
-    def load(self, index: int, start: int = 0, num_samples: int = -1) -> np.ndarray:
-        """Samples [start, start + num_samples) of the utterance (to its end with -1), float32."""
+    def load(self, index: int, start: int = 0, num_samples: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+        """Samples [start, start + num_samples) of the utterance (to its end with -1), float32; decoded into `out`
+        (its first samples, returned) when given. Fewer samples come back when the file ends sooner."""
         import soundfile
 
         path = self.entries[index].path
@@ -88,7 +89,7 @@ class AudioSource:
                                  f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
             if start:
                 audio.seek(start)
-            return audio.read(frames=num_samples, dtype="float32")
+            return audio.read(frames=num_samples, dtype="float32", out=out)
 
 
 class SyntheticSource:
@@ -107,9 +108,12 @@ class SyntheticSource:
     def name(self, index: int) -> str:
         return f"synthetic utterance {index}"
 
-    def load(self, index: int, start: int = 0, num_samples: int = -1) -> np.ndarray:
-        waveform = self.corpus.waveform(index)
-        return waveform[start : None if num_samples < 0 else start + num_samples]
+    def load(self, index: int, start: int = 0, num_samples: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+        waveform = self.corpus.waveform(index)[start : None if num_samples < 0 else start + num_samples]
+        if out is None:
+            return waveform
+        out[: len(waveform)] = waveform
+        return out[: len(waveform)]
 
 
 def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
@@ -144,8 +148,27 @@ def plan_crops(lengths: list[int], cfg: DataConfig, seed: int) -> tuple[list[tup
     return crops, generator.get_state()
 
 
+class DecodedClips(NamedTuple):
+    """A batch's clips as decoded by `SpeechDataset.__getitems__`, for the collator."""
+
+    waveforms: Tensor  # (B, samples) float32: the clips that decoded, zero-padded to the longest
+    lengths: list[int]  # samples of each
+    skipped: int  # clips dropped: their file was unreadable or shorter than the manifest says
+    batch_rng_state: Tensor
+
+
+def _batch_buffer(rows: int, samples: int) -> Tensor:
+    """An uninitialised (rows, samples) float32 tensor; inside a loader worker, in shared memory, so the batch
+    reaches the main process without another copy (what torch's default_collate does for its stacks)."""
+    if get_worker_info() is None:
+        return torch.empty(rows, samples)
+    storage = torch.UntypedStorage._new_shared(rows * samples * 4)  # noqa: SLF001 - as default_collate does
+    return torch.empty(0).set_(storage, 0, (rows, samples))
+
+
 class SpeechDataset(Dataset):
-    """Items are `Clip`s from `BucketBatchSampler`; an unreadable file gives None, logged."""
+    """Decodes the `Clip`s that `BucketBatchSampler` plans, a batch at a time (the DataLoader calls
+    `__getitems__`), each straight into its row of the batch; an unreadable file is skipped and logged."""
 
     def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool) -> None:
         self.source = source
@@ -154,24 +177,43 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, clip: Clip) -> tuple[Tensor | None, Clip]:
+    def __getitem__(self, clip: Clip) -> Tensor | None:
+        """One clip's samples, or None when its file is unreadable."""
+        decoded = self.__getitems__([clip])
+        return None if decoded.skipped else decoded.waveforms[0]
+
+    def __getitems__(self, clips: list[Clip]) -> DecodedClips:
+        waveforms = _batch_buffer(len(clips), max(clip.num_samples for clip in clips))
+        kept = [i for i, (clip, row) in enumerate(zip(clips, waveforms, strict=True)) if self._decode_into(clip, row)]
+        lengths = [clips[i].num_samples for i in kept]
+        if len(kept) < len(clips):  # rare: drop the rows of the files that failed
+            waveforms = waveforms[kept, : max(lengths, default=0)]
+        return DecodedClips(waveforms, lengths, len(clips) - len(kept), clips[0].batch_rng_state)
+
+    def _decode_into(self, clip: Clip, row: Tensor) -> bool:
+        """The clip's samples into row[:num_samples], zeros after them; False (logged) when its file is unreadable
+        or ends before the crop does."""
         try:
             if self.normalize:  # over the whole utterance, as the official recipe does, then the crop
                 waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(clip.index)))
                 waveform = F.layer_norm(waveform, waveform.shape)[clip.start : clip.start + clip.num_samples]
+                row[: len(waveform)] = waveform
+                decoded = len(waveform)
             else:
-                waveform = torch.from_numpy(self.source.load(clip.index, clip.start, clip.num_samples))
+                out = row[: clip.num_samples].numpy()
+                decoded = len(self.source.load(clip.index, clip.start, clip.num_samples, out))
         except ValueError:
             raise  # a wrong format is a configuration error, not a corrupt file
         except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
             logger.warning("skipping unreadable audio %s: %s", self.source.name(clip.index), error)
-            return None, clip
-        if len(waveform) < clip.num_samples:
+            return False
+        if decoded < clip.num_samples:
             logger.warning("skipping %s: the manifest says %d samples, the file ends before sample %d",
                            self.source.name(clip.index), self.source.num_samples(clip.index),
                            clip.start + clip.num_samples)  # fmt: skip
-            return None, clip
-        return waveform, clip
+            return False
+        row[clip.num_samples :] = 0
+        return True
 
 
 class BucketBatchSampler(Sampler[list[Clip]]):
@@ -255,26 +297,23 @@ class Batch:
 
 
 class Collator:
-    """Pad the cropped clips to the batch's longest, then draw the masks."""
+    """The decoded clips, their frame counts and padding mask, and masks drawn from the batch's generator."""
 
     def __init__(self, masking: MaskingConfig, frames_of) -> None:  # noqa: ANN001 - samples → frames
         self.masking, self.frames_of = masking, frames_of
 
-    def __call__(self, items: list[tuple[Tensor | None, Clip]]) -> Batch:
-        waveforms = [w for w, _ in items if w is not None]
-        skipped = len(items) - len(waveforms)
-        if not waveforms:
-            return Batch(torch.zeros(0, 0), None, torch.zeros(0, 0, dtype=torch.int64), skipped)
+    def __call__(self, decoded: DecodedClips) -> Batch:
+        if not decoded.lengths:
+            return Batch(torch.zeros(0, 0), None, torch.zeros(0, 0, dtype=torch.int64), decoded.skipped)
         generator = torch.Generator()
-        generator.set_state(items[0][1].batch_rng_state)
-        width = max(len(w) for w in waveforms)
-        clips = torch.stack([F.pad(w, (0, width - len(w))) for w in waveforms])
-        frames = self.frames_of(torch.tensor([len(w) for w in waveforms]))
+        generator.set_state(decoded.batch_rng_state)
+        frames = self.frames_of(torch.tensor(decoded.lengths))
         total = int(frames.max())
         attention_mask = None
         if bool((frames < total).any()):
             attention_mask = (torch.arange(total) < frames.unsqueeze(1))[:, None, None, :]
-        return Batch(clips, attention_mask, compute_mask_indices(self.masking, frames, generator), skipped)
+        mask_indices = compute_mask_indices(self.masking, frames, generator)
+        return Batch(decoded.waveforms, attention_mask, mask_indices, decoded.skipped)
 
 
 def build_loader(
@@ -285,8 +324,10 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    source: AudioSource | SyntheticSource | None = None,
 ) -> DataLoader:
-    source = build_source(cfg)
+    """Batches of `source` (default: the one `cfg` names) on this rank, with `cfg`'s loader settings."""
+    source = source or build_source(cfg)
     sampler = BucketBatchSampler([source.num_samples(i) for i in range(len(source))], cfg, rank=rank,
                                  world_size=world_size)  # fmt: skip
     workers = cfg.num_workers
