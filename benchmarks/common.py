@@ -123,13 +123,16 @@ class Results:
     benchmark: str
     device: torch.device
     peaks: Peaks
-    output: Path | None = None  # None: benchmarks/results/ (GPU) or .benchmarks/smoke/ (CPU), named by card and date
+    output: Path | None = None  # None: benchmarks/results/, or .benchmarks/smoke/ for a smoke run; card and date
     rows: list[Row] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
+    smoke: bool | None = None  # None: a run on a CPU is a smoke run (not so for a benchmark of CPU work)
 
     def __post_init__(self) -> None:
         self._environment = environment(self.device)  # once: every row rewrites the file
-        if self.device.type != "cuda":
+        if self.smoke is None:
+            self.smoke = self.device.type != "cuda"
+        if self.smoke:
             print(CPU_DISCLAIMER)
         print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
               f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s")  # fmt: skip
@@ -164,11 +167,11 @@ class Results:
         path = self.output
         if path is None:
             card = str(env["device"]).split("(")[0].strip().replace(" ", "-").lower()
-            folder = RESULTS_DIR if self.device.type == "cuda" else SMOKE_DIR  # smoke runs are not committed
+            folder = SMOKE_DIR if self.smoke else RESULTS_DIR  # smoke runs are not committed
             path = self.output = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"benchmark": self.benchmark, "environment": env, "command": _portable_command(),
-                   "peaks": asdict(self.peaks), "cpu_smoke_run": self.device.type != "cuda",
+                   "peaks": asdict(self.peaks), "cpu_smoke_run": self.smoke,
                    "rows": [asdict(r) for r in self.rows], **self.extra}  # fmt: skip
         partial = path.with_name(path.name + ".partial")  # a kill mid-write leaves the previous file whole
         partial.write_text(json.dumps(payload, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import kernels, report, train_step
+from benchmarks import input_pipeline, kernels, report, train_step
 
 
 def test_kernels_smoke_run_writes_results(tmp_path):
@@ -15,6 +15,19 @@ def test_kernels_smoke_run_writes_results(tmp_path):
         assert (case, "fused (triton)") in impls and (case, "reference eager") in impls
     assert ("heads CE fwd+bwd", "F.linear_cross_entropy") in impls
 
+
+def test_input_pipeline_smoke_run_measures_every_decoding_mode(tmp_path):
+    out = tmp_path / "input_pipeline.json"
+    input_pipeline.main(["--smoke", "--output", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["cpu_smoke_run"] is True
+    rows = {(row["case"], row["impl"]): row for row in payload["rows"]}
+    for audio_format in ("flac", "wav"):
+        for mode in ("crop only", "whole files", "normalize"):
+            assert rows[(f"smoke, {audio_format}", mode)]["ms"] > 0
+    rates = payload["audio_seconds_per_second_per_worker"]
+    assert len(rates) == 6 and all(rate > 0 for rate in rates.values())
+    assert payload["audio_seconds_per_gpu_second"]["official step"] > 1_700  # 3.8M samples per 135 ms step
 
 def test_train_step_smoke_run_compares_with_the_official(tmp_path, official):
     out = tmp_path / "train_step.json"
