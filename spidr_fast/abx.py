@@ -1,16 +1,21 @@
-"""ABX phone discriminability, within and across speakers, as in ZeroSpeech 2021 / Libri-light.
+"""ABX phone discriminability, within and across speakers, as in ZeroSpeech 2021 / Libri-light, scored as fastabx
+scores it.
 
 Items come from an item file (`#file onset offset #phone prev-phone next-phone speaker`, times in seconds). An
 item's frames are those whose centre, (i + 0.5) / frequency, lies in [onset, offset] (Libri-light's rule); items
 with fewer than two such frames are left out, as there. Distance: DTW over the angular distance of frames
-(arccos of the cosine, divided by pi), normalised by the length of the best path. A triple (A, B, X), with A and X
-of the same phone and B of another, is an error when d(A, X) > d(B, X), half an error on a tie. Error rates are
-averaged over contexts, then speakers (pairs of speakers across), then phone pairs.
+(arccos of the cosine, divided by pi; an all-zero frame counts as the uniform direction, as in fastabx),
+normalised by the length of the best path. A cell holds the triples (A, B, X) of one phone pair in one context
+(and one speaker within speakers): A and B of one speaker, X of A's phone, from A's speaker (never A itself) or,
+across speakers, from one other speaker. A triple is an error when d(A, X) > d(B, X), half an error on a tie.
+Cell error rates are averaged over contexts and X speakers together, then over the speaker of A and B, then over
+phone pairs (fastabx's and Libri-light's order; `--context any` has a single context).
 
-`fastabx` (Python >= 3.12) is used instead when it is importable; the built-in implementation otherwise.
+`fastabx_error_rates` runs `fastabx` itself (Python >= 3.12) on the same items and features.
 """
 
 import math
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,10 +119,20 @@ def _pad(sequences: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True), lengths
 
 
+def _unit_frames(frames: Tensor) -> Tensor:
+    """Frames scaled to unit norm; an all-zero frame becomes the uniform direction, where fastabx puts it (its
+    extra 1e-12 coordinate changes no float32 cosine), so that two silent frames are at distance 0."""
+    frames = frames.float()
+    norms = frames.norm(dim=-1, keepdim=True)
+    silent = norms == 0
+    uniform = frames.new_full((), frames.shape[-1] ** -0.5)
+    return torch.where(silent, uniform, frames / norms.masked_fill(silent, 1.0))
+
+
 def dtw_distances(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """(len(xs), len(ys)) DTW distances over the angular distance of frames; each sequence (frames, D)."""
-    xs = [torch.nn.functional.normalize(x.float(), dim=-1) for x in xs]
-    ys = [torch.nn.functional.normalize(y.float(), dim=-1) for y in ys]
+    xs = [_unit_frames(x) for x in xs]
+    ys = [_unit_frames(y) for y in ys]
     padded_y, y_lengths = _pad(ys)
     max_x = max(len(x) for x in xs)
     rows = max(1, _MAX_DTW_ELEMENTS // max(1, len(ys) * max_x * padded_y.shape[1]))
@@ -126,6 +141,52 @@ def dtw_distances(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
         padded_x, x_lengths = _pad(xs[start : start + rows])
         out.append(_angular_dtw_block(padded_x, x_lengths, padded_y.to(padded_x.device), y_lengths))
     return torch.cat(out)
+
+
+class Cell(NamedTuple):
+    """The triples of one phone pair in one group of items: A from `a`, B from `b`, X from `x` (indices into the
+    items; within speakers `x` is `a`, and an item is never its own X)."""
+
+    phone_a: str
+    phone_b: str
+    speaker: str  # of A and B
+    group: tuple  # the context, and the speaker within speakers: the items that may meet in one triple
+    a: list[int]
+    b: list[int]
+    x: list[int]
+
+
+def abx_cells(items: Sequence[Item], *, speaker: Literal["within", "across"] = "within",
+              context: Literal["within", "any"] = "within") -> list[Cell]:  # fmt: skip
+    """Every cell of the task, as fastabx builds them (within speakers, only A sets of two items or more)."""
+    if speaker not in ("within", "across") or context not in ("within", "any"):
+        raise ValueError(f"speaker must be 'within' or 'across' and context 'within' or 'any', got {speaker!r}, "
+                         f"{context!r}")  # fmt: skip
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        ctx = (item.prev, item.next) if context == "within" else ()
+        groups[(ctx, item.speaker) if speaker == "within" else (ctx,)].append(index)
+    cells = []
+    for group, members in groups.items():
+        by_class: dict[tuple[str, str], list[int]] = defaultdict(list)  # (phone, speaker) → item indices
+        for index in members:
+            by_class[items[index].phone, items[index].speaker].append(index)
+        for (a, spk_a), indices_a in by_class.items():
+            for (b, spk_b), indices_b in by_class.items():
+                if a == b or spk_a != spk_b:
+                    continue
+                if speaker == "within":
+                    if len(indices_a) > 1:
+                        cells.append(Cell(a, b, spk_a, group, indices_a, indices_b, indices_a))
+                    continue
+                cells += [Cell(a, b, spk_a, group, indices_a, indices_b, indices_x)
+                          for (x, spk_x), indices_x in by_class.items() if x == a and spk_x != spk_a]  # fmt: skip
+    return cells
+
+
+def cell_items(cells: Sequence[Cell]) -> set[int]:
+    """The items that some triple of `cells` uses: those a score rests on."""
+    return {index for cell in cells for index in (*cell.a, *cell.b, *cell.x)}
 
 
 def _errors(d_ax: Tensor, d_bx: Tensor, same_a_x: bool) -> float:
@@ -138,61 +199,49 @@ def _errors(d_ax: Tensor, d_bx: Tensor, same_a_x: bool) -> float:
     return float(greater.mean())
 
 
-def _collapse(cells: dict[tuple, float]) -> float | None:
-    """Cells keyed (phone_a, phone_b, speaker(s), context) → mean over context, then speakers, then phone pairs."""
-    if not cells:
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _collapse(scores: Sequence[tuple[Cell, float]]) -> float | None:
+    """Mean over contexts and X speakers together, then over the speaker of A and B, then over phone pairs."""
+    if not scores:
         return None
-    by_speaker: dict[tuple, list[float]] = defaultdict(list)
-    for (a, b, speakers, _context), score in cells.items():
-        by_speaker[a, b, speakers].append(score)
-    by_pair: dict[tuple, list[float]] = defaultdict(list)
-    for (a, b, _speakers), scores in by_speaker.items():
-        by_pair[a, b].append(sum(scores) / len(scores))
-    means = [sum(s) / len(s) for s in by_pair.values()]
-    return sum(means) / len(means)
+    by_speaker: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for cell, score in scores:
+        by_speaker[cell.phone_a, cell.phone_b, cell.speaker].append(score)
+    by_pair: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (a, b, _speaker), cell_scores in by_speaker.items():
+        by_pair[a, b].append(_mean(cell_scores))
+    return _mean([_mean(pair_scores) for pair_scores in by_pair.values()])
 
 
 def abx_error_rate(features: Sequence[Tensor], items: Sequence[Item], *,
                    speaker: Literal["within", "across"] = "within",
                    context: Literal["within", "any"] = "within") -> float | None:  # fmt: skip
-    """ABX error rate (0 to 1) of items with their frames `features[i]` (frames, D); None when no triple exists."""
+    """ABX error rate (0 to 1) of items with their frames `features[i]` (frames, D); None when no cell exists."""
     if len(features) != len(items):
         raise ValueError(f"{len(features)} feature sequences for {len(items)} items")
-    if speaker not in ("within", "across") or context not in ("within", "any"):
-        raise ValueError(f"speaker must be 'within' or 'across' and context 'within' or 'any', got {speaker!r}, "
-                         f"{context!r}")  # fmt: skip
-    groups: dict[tuple, list[int]] = defaultdict(list)  # the items that may meet in one triple
-    for index, item in enumerate(items):
-        ctx = (item.prev, item.next) if context == "within" else ()
-        groups[(ctx, item.speaker) if speaker == "within" else (ctx,)].append(index)
-    cells: dict[tuple, float] = {}
-    for key, members in groups.items():
-        by_class: dict[tuple, list[int]] = defaultdict(list)  # (phone, speaker) → positions in `members`
-        for position, index in enumerate(members):
-            by_class[items[index].phone, items[index].speaker].append(position)
-        if len({phone for phone, _ in by_class}) < 2:
-            continue
+    by_group: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in abx_cells(items, speaker=speaker, context=context):
+        by_group[cell.group].append(cell)
+    scores = []
+    for cells in by_group.values():  # one DTW matrix per group: its cells share items
+        members = sorted(cell_items(cells))
+        position = {index: p for p, index in enumerate(members)}
         distances = dtw_distances([features[i] for i in members], [features[i] for i in members])
-        for (a, spk_a), pos_a in by_class.items():
-            for (b, spk_b), pos_b in by_class.items():
-                if a == b or spk_a != spk_b:
-                    continue
-                if speaker == "within":
-                    if len(pos_a) > 1:
-                        d_ax = distances[pos_a][:, pos_a]
-                        cells[a, b, spk_a, key] = _errors(d_ax, distances[pos_b][:, pos_a], same_a_x=True)
-                    continue
-                for (x, spk_x), pos_x in by_class.items():
-                    if x == a and spk_x != spk_a:
-                        d_ax, d_bx = distances[pos_a][:, pos_x], distances[pos_b][:, pos_x]
-                        cells[a, b, (spk_a, spk_x), key] = _errors(d_ax, d_bx, same_a_x=False)
-    return _collapse(cells)
+        for cell in cells:
+            pos_a, pos_b, pos_x = ([position[i] for i in indices] for indices in (cell.a, cell.b, cell.x))
+            d_ax, d_bx = distances[pos_a][:, pos_x], distances[pos_b][:, pos_x]
+            scores.append((cell, _errors(d_ax, d_bx, same_a_x=speaker == "within")))
+    return _collapse(scores)
 
 
 def item_features(features: dict[str, Tensor], items: Sequence[Item],
                   frequency: float) -> tuple[list[Tensor], list[Item]]:  # fmt: skip
-    """The frames of every item that has at least two (`frame_span`), and those items; `features` maps a file id
-    to its (frames, D) features. A file missing from `features` is an error that names it."""
+    """The frames of every item that has at least two (`frame_span`), and those items with their times moved to
+    the edges of those frames, so that any tool reading them (fastabx) selects the same frames and none past the
+    end of the file. `features` maps a file id to its (frames, D) features; a missing file is an error naming it."""
     selected, kept = [], []
     for item in items:
         if item.fileid not in features:
@@ -200,16 +249,43 @@ def item_features(features: dict[str, Tensor], items: Sequence[Item],
         span = frame_span(item.onset, item.offset, frequency, len(features[item.fileid]))
         if span is not None:
             selected.append(features[item.fileid][span])
-            kept.append(item)
+            kept.append(item._replace(onset=span.start / frequency, offset=span.stop / frequency))
     return selected, kept
 
 
-def fastabx_error_rate(item_file: Path, root: Path, *, speaker: str, context: str, frequency: float) -> float:
-    """The reference implementation on features saved as root/<fileid>.pt (needs `fastabx`, Python >= 3.12)."""
+def _fastabx_frequency(frequency: float) -> int | str:
+    """fastabx takes the frequency as an exact decimal: an int or a string, never a float."""
+    return int(frequency) if float(frequency).is_integer() else repr(float(frequency))
+
+
+def fastabx_error_rates(features: dict[str, Tensor], items: Sequence[Item], frequency: float, *,
+                        context: Literal["within", "any"] = "within",
+                        speakers: Sequence[str] = ("within", "across")) -> dict[str, float | None]:  # fmt: skip
+    """fastabx's ZeroSpeech ABX (needs `fastabx`, Python >= 3.12) of `items` as `item_features` keeps them, on
+    `features` (file id → (frames, D)), per speaker condition; None where no cell exists, as `abx_error_rate`."""
     from fastabx import zerospeech_abx
 
-    return float(zerospeech_abx(item_file, root, speaker=speaker, context=context, distance="angular",
-                                frequency=frequency, max_size_group=None, max_x_across=None))  # fmt: skip
+    rates: dict[str, float | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        item_file, root = Path(tmp, "items.item"), Path(tmp, "features")
+        write_items(items, item_file)
+        for fileid in {item.fileid for item in items}:
+            path = root / f"{fileid}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(features[fileid].float().contiguous(), path)
+        for speaker in speakers:
+            if not abx_cells(items, speaker=speaker, context=context):  # fastabx would raise EmptyTaskError
+                rates[speaker] = None
+                continue
+            try:
+                rate = zerospeech_abx(item_file, root, speaker=speaker, context=context, distance="angular",
+                                      frequency=_fastabx_frequency(frequency), max_size_group=None,
+                                      max_x_across=None, progress=False)  # fmt: skip
+            except (ValueError, TypeError) as error:
+                raise RuntimeError(f"fastabx failed on {len(items)} items ({speaker} speakers, context {context}, "
+                                   f"{frequency:g} Hz): {error}. The built-in ABX scores the same items.") from error
+            rates[speaker] = float(rate)
+    return rates
 
 
 def fastabx_available() -> bool:

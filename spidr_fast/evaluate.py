@@ -1,9 +1,11 @@
 """python -m spidr_fast.evaluate [--checkpoint CKPT --manifest M --alignments A] [--items ITEMS] [--layers 5,6]
+                              [--abx auto|builtin|fastabx]
 
 Per layer: the unit quality of the head units against 10 ms phone labels (PNMI, phone and cluster purity, unit
 perplexity, active units, bitrate), and ABX error rates within and across speakers on the continuous features and
-on the units (as one-hot vectors), from an item file or one generated from the alignments. Writes results.json,
-the item file used, and metrics.png when matplotlib is installed.
+on the units (as one-hot vectors), from an item file or one generated from the alignments, by the built-in ABX or
+fastabx (Python >= 3.12) on the same items. Writes results.json (which ABX scored, and how many items each score
+rests on), the item file used, and metrics.png when matplotlib is installed.
 
 With no arguments: the latest checkpoint of the default training run (runs/spidr_fast/synthetic) on the synthetic
 validation utterances of its config, with their own labels.
@@ -13,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from spidr_fast.train.validation import frame_labels
 
 logger = logging.getLogger(__name__)
 ABX_CONDITIONS = ("within", "across")
+ABX_IMPLEMENTATIONS = ("auto", "builtin", "fastabx")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -75,23 +77,42 @@ def generate_items(source: AudioSource | SyntheticSource, alignments: Path | Non
     return items
 
 
+def abx_implementation(choice: str) -> str:
+    """"builtin" or "fastabx" for --abx `choice`; auto: fastabx when importable."""
+    if choice not in ABX_IMPLEMENTATIONS:
+        raise ValueError(f"abx must be one of {ABX_IMPLEMENTATIONS}, got {choice!r}")
+    if choice == "auto":
+        return "fastabx" if abx.fastabx_available() else "builtin"
+    if choice == "fastabx" and not abx.fastabx_available():
+        raise ValueError("--abx fastabx: fastabx is not importable (it needs Python >= 3.12: "
+                         "pip install -e '.[abx]'); --abx builtin scores the same items")  # fmt: skip
+    return choice
+
+
 def _abx(store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float, context: str,
-         item_file: Path) -> dict[str, float | None]:  # fmt: skip
-    """Error rates (%) within and across speakers; fastabx when importable, on the same features."""
-    if abx.fastabx_available():
-        with tempfile.TemporaryDirectory() as root:
-            for name, tensor in store.items():
-                torch.save(tensor, Path(root) / f"{name}.pt")
-            return {s: 100 * abx.fastabx_error_rate(item_file, Path(root), speaker=s, context=context,
-                                                    frequency=frequency) for s in ABX_CONDITIONS}  # fmt: skip
+         implementation: str) -> dict[str, float | None]:  # fmt: skip
+    """Error rates (%) within and across speakers, both implementations on the same items."""
     selected, kept = abx.item_features(store, items, frequency)
-    rates = {s: abx.abx_error_rate(selected, kept, speaker=s, context=context) for s in ABX_CONDITIONS}
+    if implementation == "fastabx":
+        rates = abx.fastabx_error_rates(store, kept, frequency, context=context, speakers=ABX_CONDITIONS)
+    else:
+        rates = {s: abx.abx_error_rate(selected, kept, speaker=s, context=context) for s in ABX_CONDITIONS}
     return {s: None if r is None else 100 * r for s, r in rates.items()}
 
 
+def abx_item_counts(store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float,
+                    context: str) -> dict[str, int]:  # fmt: skip
+    """How many items the file holds, how many have two frames or more, and how many each score rests on."""
+    _, kept = abx.item_features(store, items, frequency)
+    used = {s: len(abx.cell_items(abx.abx_cells(kept, speaker=s, context=context))) for s in ABX_CONDITIONS}
+    return {"in_file": len(items), "with_two_frames": len(kept), **used}
+
+
 def evaluate(model: DinoSR, source: AudioSource | SyntheticSource, data: DataConfig, layers: list[int],
-             items: list[abx.Item], item_file: Path, *, context: str = "within", device: torch.device,
+             items: list[abx.Item], *, context: str = "within", abx_choice: str = "auto", device: torch.device,
              progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """{"abx": the implementation, "abx_items": item counts, "layers": {"layer_L": metrics}}."""
+    implementation = abx_implementation(abx_choice)
     hop = frame_hop(model)
     if hop % LABEL_HOP:
         raise ValueError(f"frames of {hop} samples are not a whole number of 10 ms labels")
@@ -123,15 +144,16 @@ def evaluate(model: DinoSR, source: AudioSource | SyntheticSource, data: DataCon
             per_file = [units[layer][name].numpy() for name in names]
             counts = joint_counts(phones, per_file, num_phones, model.cfg.codebook_size, repeat)
             row.update(unit_quality(counts), bitrate=bitrate(counts, frequency))
-        for speaker, rate in _abx(features[layer], items, frequency, context, item_file).items():
+        for speaker, rate in _abx(features[layer], items, frequency, context, implementation).items():
             row[f"abx_{speaker}"] = rate
         if layer in units:
             size = model.cfg.codebook_size
             one_hot = {n: torch.nn.functional.one_hot(u, size).float() for n, u in units[layer].items()}
-            for speaker, rate in _abx(one_hot, items, frequency, context, item_file).items():
+            for speaker, rate in _abx(one_hot, items, frequency, context, implementation).items():
                 row[f"abx_units_{speaker}"] = rate
         results[f"layer_{layer}"] = row
-    return results
+    counts = abx_item_counts(features[layers[0]], items, frequency, context)  # every layer has the same frames
+    return {"abx": implementation, "abx_items": counts, "layers": results}
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -171,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", choices=["within", "any"], default="within",
                         help="ABX context condition; 'any' gives many more triples on the synthetic corpus, whose "
                         "random phone sequences rarely repeat a context, at a much higher cost")  # fmt: skip
+    parser.add_argument("--abx", choices=ABX_IMPLEMENTATIONS, default="auto",
+                        help="ABX implementation (default auto: fastabx when importable, else the built-in); both "
+                        "score the same items")  # fmt: skip
     parser.add_argument("--out", type=Path, help="output folder (default: eval_<checkpoint name> beside it)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")
@@ -178,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if bool(args.manifest) != bool(args.alignments):
         parser.error("--manifest and --alignments go together (neither: the synthetic corpus)")
+    abx_implementation(args.abx)  # before the model loads
     checkpoint = args.checkpoint or latest_checkpoint(RunConfig().dir)
     model, cfg = load_model(checkpoint, args.model_type)
     device = torch.device(args.device) if args.device else default_device()
@@ -196,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         item_file, items = out / "items.item", generate_items(source, args.alignments)
         abx.write_items(items, item_file)
-    results = evaluate(model, source, data, layers, items, item_file, context=args.context, device=device,
-                       progress=not args.no_progress)  # fmt: skip
-    report = {"checkpoint": str(checkpoint), "items": str(item_file), "context": args.context,
-              "abx": "fastabx" if abx.fastabx_available() else "built-in", "layers": results}  # fmt: skip
+    scored = evaluate(model, source, data, layers, items, context=args.context, abx_choice=args.abx, device=device,
+                      progress=not args.no_progress)  # fmt: skip
+    report = {"checkpoint": str(checkpoint), "items": str(item_file), "context": args.context, **scored}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    results = scored["layers"]
+    print(f"ABX by {scored['abx']}; items: " + ", ".join(f"{k} {v}" for k, v in scored["abx_items"].items()))
     for name, row in results.items():
         print(name, " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if plot(results, out / "metrics.png"):

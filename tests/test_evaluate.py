@@ -1,9 +1,11 @@
-"""Evaluation: unit-quality metrics on hand-computed cases, the built-in ABX (DTW, triples, frame selection,
-item files), clear errors, and the CLI end to end on a tiny checkpoint."""
+"""Evaluation: unit-quality metrics on hand-computed cases, the built-in ABX (DTW, triples, averaging order, frame
+selection, item files), fastabx on the same items where it is importable, clear errors, and the CLI end to end on a
+tiny checkpoint."""
 
 import dataclasses
 import json
 import math
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from test_train import tiny_config
 
 from spidr_fast import abx
 from spidr_fast.data.synthetic import SyntheticCorpus
-from spidr_fast.evaluate import main
+from spidr_fast.evaluate import abx_implementation, main
 from spidr_fast.metrics import bitrate, joint_counts, unit_quality
 from spidr_fast.models import build_model
 
@@ -47,6 +49,9 @@ def test_hand_computed_counts():
 
 # --- ABX -----------------------------------------------------------------------------------------------------------
 
+requires_fastabx = pytest.mark.skipif(not abx.fastabx_available(), reason="fastabx is not importable: it needs "
+                                      "Python >= 3.12 (pip install -e '.[abx]' there)")  # fmt: skip
+
 
 def _naive_dtw(x, y):
     x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
@@ -67,6 +72,16 @@ def test_dtw_matches_a_direct_implementation():
     ys = [torch.randn(n, 5, generator=g) for n in (2, 5)]
     expected = torch.tensor([[_naive_dtw(x, y) for y in ys] for x in xs])
     torch.testing.assert_close(abx.dtw_distances(xs, ys), expected)
+
+
+def test_silent_frames_sit_in_the_uniform_direction():
+    # fastabx's rule: an all-zero frame is the direction (1, 1) here: two of them at distance 0, one and (1, 0) at 45
+    # degrees (not 0.5 from everything, as a zero vector's cosine would give).
+    zero, uniform, east = torch.zeros(2, 2), torch.ones(3, 2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    silent = abx.dtw_distances([zero, east], [zero])
+    assert torch.equal(silent, abx.dtw_distances([uniform, east], [uniform]))
+    # arccos near 1 in float32: up to sqrt(2 * 2**-24) / pi = 1.1e-4 off, as for any two equal frames
+    torch.testing.assert_close(silent, torch.tensor([[0.0], [0.25]]), rtol=0, atol=1.2e-4)
 
 
 def _classes(separation, per_class=12, seed=0):
@@ -101,6 +116,30 @@ def test_abx_context_conditions_and_no_triple():
     assert abx.abx_error_rate(features, other_context, context="any") is not None
 
 
+def _constant_items(specs):
+    """Two-frame items from (phone, context, speaker, direction)."""
+    items = [abx.Item("f", 0.0, 1.0, phone, ctx, ctx, spk) for phone, ctx, spk, _ in specs]
+    return [torch.tensor([d, d]) for *_, d in specs], items
+
+
+def test_across_speakers_averages_contexts_and_x_speakers_together():
+    # A and B come from s1 only (one item each), X from s2 and s3: three cells of one triple each.
+    features, items = _constant_items([
+        ("a", "c1", "s1", [1.0, 0.0]), ("b", "c1", "s1", [0.0, 1.0]),
+        ("a", "c1", "s2", [0.2, 1.0]),  # nearer B: cell (c1, X from s2) scores 1
+        ("a", "c1", "s3", [1.0, 0.1]),  # cell (c1, X from s3) scores 0
+        ("a", "c2", "s1", [1.0, 0.0]), ("b", "c2", "s1", [0.0, 1.0]),
+        ("a", "c2", "s2", [1.0, 0.2]),  # cell (c2, X from s2) scores 0
+    ])  # fmt: skip
+    # Contexts and X speakers together: (1 + 0 + 0) / 3. Contexts first, then (A, X) speaker pairs would give
+    # ((1 + 0) / 2 + 0) / 2 = 1/4.
+    assert abx.abx_error_rate(features, items, speaker="across") == pytest.approx(1 / 3)
+    # One context: the c1 items and the c2 items meet; X from s2 scores (1 + 0) / 2 over two X, X from s3 0.
+    assert abx.abx_error_rate(features, items, speaker="across", context="any") == pytest.approx(1 / 4)
+    assert abx.abx_error_rate(features, items, speaker="within") is None  # no speaker has two items of a phone
+    assert abx.cell_items(abx.abx_cells(items, speaker="across")) == set(range(7))
+
+
 def test_frame_selection_at_boundaries():
     # 50 Hz: frame i is centred at 20 i + 10 ms; centres within [onset, offset] count, both ends included.
     assert abx.frame_span(0.03, 0.09, 50, 100) == slice(1, 5)
@@ -125,6 +164,69 @@ def test_item_files(tmp_path):
         abx.read_items(path)
     with pytest.raises(ValueError, match="'u9', which has no features"):
         abx.item_features({"u1": torch.zeros(10, 2)}, [items[0]._replace(fileid="u9")], 50)
+
+
+def _fastabx_frames(item, frequency):
+    """fastabx's own rule on the item file's decimal strings: [ceil(onset f - 1/2), floor(offset f - 1/2) + 1[."""
+    f = Decimal(str(frequency))
+    onset, offset = (Decimal(f"{t:.4f}") for t in (item.onset, item.offset))
+    return int((onset * f - Decimal("0.5")).__ceil__()), int((offset * f - Decimal("0.5")).__floor__()) + 1
+
+
+@pytest.mark.parametrize("frequency", [50, 100, 100 / 3])
+def test_item_file_handed_on_selects_the_frames_scored(frequency, tmp_path):
+    features = {"u1": torch.randn(12, 3), "u2": torch.randn(7, 3)}
+    items = [abx.Item("u1", 0.07, 0.11, "a", "x", "y", "s"),  # 0.07 s × 50 is 3.5000000000000004
+             abx.Item("u1", 0.031, 0.089, "b", "x", "y", "s"),
+             abx.Item("u1", 0.0, 0.012, "c", "x", "y", "s"),  # one frame at 50 Hz: left out there
+             abx.Item("u2", 0.05, 0.50, "a", "x", "y", "s"),  # runs past the last frame: clipped
+             abx.Item("u2", 0.40, 0.60, "b", "x", "y", "s")]  # begins after the last frame: left out  # fmt: skip
+    selected, kept = abx.item_features(features, items, frequency)
+    spans = [abx.frame_span(i.onset, i.offset, frequency, len(features[i.fileid])) for i in items]
+    assert [i.phone for i in kept] == [i.phone for i, span in zip(items, spans, strict=True) if span is not None]
+    path = tmp_path / "kept.item"
+    abx.write_items(kept, path)
+    for item, frames in zip(abx.read_items(path), selected, strict=True):
+        start, end = _fastabx_frames(item, frequency)
+        assert 0 <= start and end <= len(features[item.fileid])  # fastabx raises FeaturesSizeError past the end
+        torch.testing.assert_close(features[item.fileid][start:end], frames, rtol=0, atol=0)
+        span = abx.frame_span(item.onset, item.offset, frequency, len(features[item.fileid]))
+        assert (span.start, span.stop) == (start, end)
+
+
+def _corpus(seed, num_files=6, dim=5):
+    """Random features of odd lengths (a silent frame among them) and items in few contexts, by three speakers."""
+    g = torch.Generator().manual_seed(seed)
+    features, items = {}, []
+    for n in range(num_files):
+        frames = int(torch.randint(40, 60, (1,), generator=g))
+        features[f"dir/u{n}"] = torch.randn(frames, dim, generator=g)
+        features[f"dir/u{n}"][3] = 0.0
+        t = 0
+        while t < frames + 3:  # the last items run past the end of the file
+            length = int(torch.randint(1, 6, (1,), generator=g))
+            phone, ctx = (["a", "b", "c"][int(torch.randint(0, 3, (1,), generator=g))],
+                          ["x", "y"][int(torch.randint(0, 2, (1,), generator=g))])  # fmt: skip
+            items.append(abx.Item(f"dir/u{n}", t / 50, (t + length) / 50, phone, ctx, "z", f"s{n % 3}"))
+            t += length
+    return features, items
+
+
+@requires_fastabx
+@pytest.mark.parametrize("context", ["within", "any"])
+def test_fastabx_scores_as_the_builtin(context):
+    features, items = _corpus(seed=1)
+    selected, kept = abx.item_features(features, items, 50)
+    rates = abx.fastabx_error_rates(features, kept, 50.0, context=context)
+    for speaker in ("within", "across"):
+        expected = abx.abx_error_rate(selected, kept, speaker=speaker, context=context)
+        assert rates[speaker] == pytest.approx(expected, abs=1e-7)  # fastabx keeps cell scores in float32 (6e-8)
+    no_cell = [i._replace(prev=f"p{n}") for n, i in enumerate(kept)]  # fastabx alone raises EmptyTaskError
+    assert abx.fastabx_error_rates(features, no_cell, 50, context="within") == {"within": None, "across": None}
+    features["dir/u0"][5] = float("nan")
+    failure = rf"fastabx failed on {len(kept)} items \(within speakers, context {context}"
+    with pytest.raises(RuntimeError, match=failure):
+        abx.fastabx_error_rates(features, kept, 50, context=context)
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------------
@@ -152,7 +254,10 @@ def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in out or (tmp_path / "metrics.png").is_file()
     report = json.loads((tmp_path / "results.json").read_text())
-    assert report["abx"] == "built-in" and abx.read_items(tmp_path / "items.item")
+    assert report["abx"] == abx_implementation("auto") and abx.read_items(tmp_path / "items.item")
+    counts = report["abx_items"]
+    assert counts["in_file"] == len(abx.read_items(tmp_path / "items.item")) >= counts["with_two_frames"]
+    assert counts["with_two_frames"] >= max(counts["within"], counts["across"]) > 0
     assert set(report["layers"]) == {"layer_0", "layer_3"}
     assert set(report["layers"]["layer_0"]) == {"abx_within", "abx_across"}  # no head on layer 0
     head = report["layers"]["layer_3"]
@@ -178,6 +283,30 @@ def test_cli_errors_name_the_problem(run, tmp_path):
         main([*args, "--alignments", str(manifest.parent / "alignments.jsonl"), "--layers", "4"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         main(["--checkpoint", str(tmp_path / "none.pt")])
+
+
+@requires_fastabx
+def test_cli_with_fastabx_scores_as_the_builtin(run, tmp_path):
+    root, checkpoint, manifest = run
+    args = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments",
+            str(manifest.parent / "alignments.jsonl"), "--layers", "3", "--context", "any",
+            "--no-progress"]  # fmt: skip
+    reports = {}
+    for implementation in ("fastabx", "builtin"):
+        assert main([*args, "--abx", implementation, "--out", str(tmp_path / implementation)]) == 0
+        reports[implementation] = json.loads((tmp_path / implementation / "results.json").read_text())
+        assert reports[implementation]["abx"] == implementation
+    assert reports["fastabx"]["abx_items"] == reports["builtin"]["abx_items"]
+    fast, built = reports["fastabx"]["layers"]["layer_3"], reports["builtin"]["layers"]["layer_3"]
+    for name in ("abx_within", "abx_across", "abx_units_within", "abx_units_across"):
+        assert fast[name] == pytest.approx(built[name], abs=1e-5)  # points: float32 cell scores
+
+
+def test_fastabx_asked_for_but_missing_is_a_clear_error(run, monkeypatch):
+    monkeypatch.setattr(abx, "fastabx_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--abx fastabx: fastabx is not importable \(it needs Python >= 3.12"):
+        main(["--abx", "fastabx", "--checkpoint", str(run[1])])
+    assert abx_implementation("auto") == "builtin"
 
 
 def test_cli_without_arguments_evaluates_the_default_run(run, monkeypatch):
