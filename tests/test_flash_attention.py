@@ -86,6 +86,34 @@ def test_a_sequence_of_over_a_thousand_tokens(emulated_flash):
     check_forward_backward([1030, 3], 1, 64, torch.bfloat16, 0.1)
 
 
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float16, 128)])
+def test_fully_masked_first_key_tile_with_a_scale_above_one_is_not_nan(emulated_flash, dtype, head_dim):
+    """Left padding masks the first 64-key tile of row 1 whole. With softmax_scale 1.0 the running maximum's start
+    value times scale·log2(e) used to overflow to -inf, and -inf - -inf gave NaN everywhere."""
+    batch, frames = 2, 100
+    qkv = torch.randn(batch, frames, 3, 1, head_dim, dtype=dtype, requires_grad=True)
+    mask = torch.arange(frames) >= torch.tensor([0, 70])[:, None]
+    out = flash_attention.flash_attention_padded(*qkv.unbind(2), mask, softmax_scale=1.0)
+    (grad,) = torch.autograd.grad(out, qkv, torch.randn_like(out))
+    assert out.isfinite().all() and grad.isfinite().all()
+
+
+def test_dropout_scales_dv_once_in_float32(emulated_flash):
+    """Length-1 sequences: P = 1, so dV = dO · keep / (1 - p) is one product, and the kernel must round it once
+    (FlashAttention-2 scales the fp32 dV accumulator at the end), not round 1 / (1 - p) to fp16 first."""
+    sequences, heads, dropout_p = 64, 2, 0.17
+    q, k, v = (torch.randn(sequences, heads, 64, dtype=torch.float16, requires_grad=True) for _ in "qkv")
+    rng_state = torch.tensor([5, 0])
+    out = flash_attention_varlen(q, k, v, cu_seqlens_of([1] * sequences), 1, dropout_p=dropout_p, rng_state=rng_state)
+    grad_out = torch.randn_like(out) * 3
+    (grad_v,) = torch.autograd.grad(out, v, grad_out)
+    keep = torch.stack([dropout_keep_mask(rng_state, heads, i, 1, dropout_p)[:, 0, 0] for i in range(sequences)])
+    keep_scale = torch.tensor(1 / (1 - dropout_p), dtype=torch.float32)  # the kernel's, a float32
+    expected = (grad_out.float() * keep[..., None] * keep_scale).half()
+    assert keep.any() and not keep.all()
+    torch.testing.assert_close(grad_v, expected, atol=0, rtol=0)
+
+
 def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
     lengths, heads = [3, 66], 2
     q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.float16) for _ in "qkv")
