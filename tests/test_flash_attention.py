@@ -18,23 +18,29 @@ from spidr_fast.ops import flash_attention
 from spidr_fast.ops.flash_attention import dropout_keep_mask, flash_attention_varlen, philox4x32_10
 
 
-def reference_attention(q, k, v, cu_seqlens, *, key_mask=None, dropout_p=0.0, rng_state=None, softmax_scale=None):
+def reference_attention(q, k, v, cu_seqlens, *, key_mask=None, keep_masks=None, dropout_p=0.0, softmax_scale=None):
     """Per-sequence attention in q's dtype (logits scaled and softmaxed in float32), keys whose key_mask is False
-    left out, the dropout mask regenerated from rng_state."""
+    left out; keep_masks[b] (heads, length, length) is sequence b's dropout mask (see `dropout_keep_masks`)."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     outs = []
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for sequence, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         qq, kk, vv = (t[start:end].transpose(0, 1) for t in (q, k, v))
         logits = (qq @ kk.transpose(1, 2)).float() * scale
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[start:end], float("-inf"))
         weights = torch.softmax(logits, -1).to(q.dtype)
         if dropout_p > 0:
-            keep = dropout_keep_mask(rng_state, q.shape[1], start, end - start, dropout_p).to(q.device)
-            weights = weights * keep.to(q.dtype) / (1 - dropout_p)
+            weights = weights * keep_masks[sequence].to(q.dtype) / (1 - dropout_p)
         outs.append((weights @ vv).transpose(0, 1))
     return torch.cat(outs)
+
+
+def dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, device):
+    """Each sequence's (heads, length, length) dropout mask, drawn once for a test's several references."""
+    bounds = cu_seqlens.tolist()
+    return [dropout_keep_mask(rng_state, heads, start, end - start, dropout_p).to(device)
+            for start, end in zip(bounds[:-1], bounds[1:])]  # fmt: skip
 
 
 def cu_seqlens_of(lengths):
@@ -59,17 +65,19 @@ def check_against_float32(lengths, heads, head_dim, dtype, dropout_p=0.0, *, sof
     grad_out = torch.randn(total, heads, 2 * head_dim if strided_grad_out else head_dim, device=device)
     rng_state = torch.tensor([0x1234_5678_9ABC, 17], device=device)
     key_mask = None if key_mask is None else key_mask.to(device)
-    options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale, rng_state=rng_state)
+    keep_masks = dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, device) if dropout_p else None
+    options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
 
     def reference(q, k, v):
-        return reference_attention(q, k, v, cu_seqlens, key_mask=key_mask, **options)
+        return reference_attention(q, k, v, cu_seqlens, key_mask=key_mask, keep_masks=keep_masks, **options)
 
     def ours(q, k, v):
         if key_mask is None:
-            return flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), **options)
+            return flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), rng_state=rng_state, **options)
         padded_shape = (len(lengths), lengths[0], heads, head_dim)
         out = flash_attention.flash_attention_padded(*(t.view(padded_shape) for t in (q, k, v)),
-                                                     key_mask.view(padded_shape[:2]), **options)  # fmt: skip
+                                                     key_mask.view(padded_shape[:2]), rng_state=rng_state,
+                                                     **options)  # fmt: skip
         return out.view(q.shape)
 
     def run(attention, dt):
@@ -202,8 +210,8 @@ def test_the_kernels_dropout_mask_is_the_philox_reference(device, head_dim):
     out = flash_attention_varlen(zeros, zeros, v, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state)
     (grad_v,) = torch.autograd.grad(out, v, one_hot)
     kept = []
-    for start, length in zip(cu_seqlens[:-1].tolist(), lengths):
-        expected = dropout_keep_mask(rng_state, heads, start, length, dropout_p)
+    expected_masks = dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, "cpu")
+    for start, length, expected in zip(cu_seqlens[:-1].tolist(), lengths, expected_masks):
         forward_kept = (out[start : start + length, :, :length] > 0).transpose(0, 1).cpu()  # (head, query, key)
         backward_kept = (grad_v[start : start + length, :, :length] > 0).permute(1, 2, 0).cpu()
         assert torch.equal(forward_kept, expected) and torch.equal(backward_kept, expected)
@@ -222,7 +230,7 @@ def test_dropout_scales_dv_once_in_float32(device):
     out = flash_attention_varlen(q, k, v, cu_seqlens, 1, dropout_p=dropout_p, rng_state=rng_state)
     grad_out = torch.randn_like(out) * 3
     (grad_v,) = torch.autograd.grad(out, v, grad_out)
-    keep = torch.stack([dropout_keep_mask(rng_state, heads, i, 1, dropout_p)[:, 0, 0] for i in range(sequences)])
+    keep = torch.stack([mask[:, 0, 0] for mask in dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, "cpu")])
     keep_scale = torch.tensor(1 / (1 - dropout_p), dtype=torch.float32)  # the kernel's, a float32
     expected = (grad_out.float().cpu() * keep[..., None] * keep_scale).half()
     assert keep.any() and not keep.all()
@@ -384,6 +392,8 @@ def test_flash_attention_varlen_names_bad_arguments(emulated_flash):
         flash_attention_varlen(good, good, good, cu_seqlens.long(), 8)
     with pytest.raises(ValueError, match="rng_state must be"):
         flash_attention_varlen(good, good, good, cu_seqlens, 8, dropout_p=0.1, rng_state=torch.tensor([1]))
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number, got inf"):
+        flash_attention_varlen(good, good, good, cu_seqlens, 8, softmax_scale=float("inf"))
 
 
 def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):
