@@ -156,7 +156,8 @@ def padding_masks(batch, frames):
     return mask.flatten()
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 128), (torch.bfloat16, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("softmax_scale, dropout_p", [(None, 0.0), (1.0, 0.17)])
 def test_padded_api_with_whole_key_tiles_masked(device, dtype, head_dim, softmax_scale, dropout_p):
     batch, frames = (3, 150) if device == "cpu" else (12, 500)
@@ -172,7 +173,8 @@ def test_fully_masked_first_key_tile_with_a_scale_above_one(device, dtype, head_
     check_against_float32([100, 100], 1, head_dim, dtype, softmax_scale=1.0, key_mask=key_mask, device=device)
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float16, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_strided_views_of_packed_qkv_and_a_strided_grad_out(device, dtype, head_dim):
     lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
     check_against_float32(lengths, heads_for(device, 0.17), head_dim, dtype, 0.17, packed_qkv=True,
@@ -220,11 +222,14 @@ def test_the_kernels_dropout_mask_is_the_philox_reference(device, head_dim):
     assert abs(keep_rate - (1 - dropout_p)) < 5 * (dropout_p * (1 - dropout_p) / sum(map(len, kept))) ** 0.5
 
 
-def test_dropout_scales_dv_once_in_float32(device):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_scales_dv_once_in_float32(device, dtype, head_dim):
     """Length-1 sequences: P = 1, so dV = dO · keep / (1 - p) is one product, and the kernel must round it once
-    (FlashAttention-2 scales the fp32 dV accumulator at the end), not round 1 / (1 - p) to fp16 first."""
+    (FlashAttention-2 scales the fp32 dV accumulator at the end), not round 1 / (1 - p) to the dtype first."""
     sequences, heads, dropout_p = 16, heads_for(device), 0.17
-    q, k, v = (torch.randn(sequences, heads, 64, dtype=torch.float16, device=device, requires_grad=True) for _ in "qkv")
+    q, k, v = (torch.randn(sequences, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+               for _ in "qkv")  # fmt: skip
     rng_state = torch.tensor([5, 0], device=device)
     cu_seqlens = cu_seqlens_of([1] * sequences).to(device)
     out = flash_attention_varlen(q, k, v, cu_seqlens, 1, dropout_p=dropout_p, rng_state=rng_state)
@@ -232,7 +237,7 @@ def test_dropout_scales_dv_once_in_float32(device):
     (grad_v,) = torch.autograd.grad(out, v, grad_out)
     keep = torch.stack([mask[:, 0, 0] for mask in dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, "cpu")])
     keep_scale = torch.tensor(1 / (1 - dropout_p), dtype=torch.float32)  # the kernel's, a float32
-    expected = (grad_out.float().cpu() * keep[..., None] * keep_scale).half()
+    expected = (grad_out.float().cpu() * keep[..., None] * keep_scale).to(dtype)
     assert keep.any() and not keep.all()
     torch.testing.assert_close(grad_v.cpu(), expected, atol=0, rtol=0)
 
