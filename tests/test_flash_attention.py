@@ -189,8 +189,8 @@ def test_large_fp16_inputs_stay_finite_and_accurate(device, head_dim, softmax_sc
                           magnitudes=(5.0, 3.0, 3.0), device=device)  # fmt: skip
 
 
-@pytest.mark.parametrize("softmax_scale", [0.125, 0.3, 0.7, 1.0, 2.0])  # 1/√64 up past 1/log2(e)
-def test_softmax_scales_up_to_two(device, softmax_scale):
+@pytest.mark.parametrize("softmax_scale", [0.125, 0.3, 0.7, 1.0, 2.0, -1.0])  # 1/√64 past 1/log2(e); either sign
+def test_softmax_scales_from_one_over_sqrt_d_to_two(device, softmax_scale):
     lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
     check_against_float32(lengths, heads_for(device, 0.17), 64, torch.bfloat16, 0.17, softmax_scale=softmax_scale,
                           device=device)  # fmt: skip
