@@ -96,8 +96,14 @@ SPIDR_DEVICE void accumulator_to_a(const float (&lo)[4], const float (&hi)[4], u
   a[3] = Element::pack(hi[2], hi[3]);
 }
 
+// Blocks per SM that the registers must allow, 0 for no requirement. Head dim 128 without dropout had 168
+// registers, three blocks (as many as shared memory allows), until the online softmax started from -inf; ptxas
+// then picks 184, two blocks, unless asked for three. (A requirement of 1 or more for the others changes theirs.)
+constexpr int forward_min_blocks(int head_dim, bool dropout) { return head_dim == 128 && !dropout ? 3 : 0; }
+
 template <typename Element, int HeadDim, bool Dropout>
-SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
+SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Dropout))
+    flash_forward_kernel(ForwardParams p) {
   using Smem = ForwardSmem<HeadDim>;
   constexpr int kKSteps = HeadDim / 16;  // k-steps of the QK^T product
   constexpr int kDimTiles = HeadDim / 8;  // n-tiles of the output
