@@ -153,7 +153,7 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
   // The online softmax works on logits already scaled to log2 units (s · scale · log2 e), masked ones -inf.
   // row_max stays -inf until the row meets a valid key.
   float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};           // this lane's share; the quad's shares are summed at the end
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's share; the quad's shares are summed at the end
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   for (int n0 = 0, stage = 0; n0 < seqlen; n0 += kBlockN, stage ^= 1) {
