@@ -1,7 +1,8 @@
 """spidr_fast's CUDA flash-attention (csrc/), run here by the CPU emulator build of the same kernel code.
 
 Accuracy follows flash-attention's rule: against a float32 reference, the kernel's error is at most twice that
-of PyTorch computing the same attention at the kernel's precision (plus a floor for near-zero errors).
+of PyTorch computing the same attention at the kernel's precision, plus 1e-5. The case matrix follows
+flash-attention's tests/test_flash_attn.py: the default set runs in CI, `-m slow` adds the long sequences.
 The tests marked gpu run the real build on a CUDA device (benchmarks/device_check.sh).
 """
 
@@ -17,19 +18,29 @@ from spidr_fast.ops import flash_attention
 from spidr_fast.ops.flash_attention import dropout_keep_mask, flash_attention_varlen, philox4x32_10
 
 
-def reference_varlen(q, k, v, cu_seqlens, dropout_p=0.0, rng_state=None, softmax_scale=None):
-    """Per-sequence attention in q's dtype, the dropout mask regenerated from rng_state."""
+def reference_attention(q, k, v, cu_seqlens, *, key_mask=None, keep_masks=None, dropout_p=0.0, softmax_scale=None):
+    """Per-sequence attention in q's dtype (logits scaled and softmaxed in float32), keys whose key_mask is False
+    left out; keep_masks[b] (heads, length, length) is sequence b's dropout mask (see `dropout_keep_masks`)."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     outs = []
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for sequence, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         qq, kk, vv = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        weights = torch.softmax((qq @ kk.transpose(1, 2)).float() * scale, -1).to(q.dtype)
+        logits = (qq @ kk.transpose(1, 2)).float() * scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[start:end], float("-inf"))
+        weights = torch.softmax(logits, -1).to(q.dtype)
         if dropout_p > 0:
-            keep = dropout_keep_mask(rng_state, q.shape[1], start, end - start, dropout_p).to(q.device)
-            weights = weights * keep.to(q.dtype) / (1 - dropout_p)
+            weights = weights * keep_masks[sequence].to(q.dtype) / (1 - dropout_p)
         outs.append((weights @ vv).transpose(0, 1))
     return torch.cat(outs)
+
+
+def dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, device):
+    """Each sequence's (heads, length, length) dropout mask, drawn once for a test's several references."""
+    bounds = cu_seqlens.tolist()
+    return [dropout_keep_mask(rng_state, heads, start, end - start, dropout_p).to(device)
+            for start, end in zip(bounds[:-1], bounds[1:])]  # fmt: skip
 
 
 def cu_seqlens_of(lengths):
@@ -40,50 +51,215 @@ def max_error(a, b):
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def check_forward_backward(lengths, heads, head_dim, dtype, dropout_p, device="cpu"):
-    cu_seqlens = cu_seqlens_of(lengths).to(device)
+def check_against_float32(lengths, heads, head_dim, dtype, dropout_p=0.0, *, softmax_scale=None, key_mask=None,
+                          packed_qkv=False, strided_grad_out=False, magnitudes=(1.0, 1.0, 1.0), device="cpu"):
+    """The kernel's out, dq, dk, dv against float32 attention by flash-attention's rule (assert_flash_rule).
+
+    key_mask, (total_tokens,) bool, sends the sequences (all of one length) through the padded API. packed_qkv
+    makes q, k, v strided views of one (tokens, 3, heads, head_dim) tensor, as a fused projection gives them;
+    strided_grad_out gives dO a token stride of 2·heads·head_dim; magnitudes multiply q, k, v (flash-attention's
+    overflow cases)."""
     total = int(sum(lengths))
-    q, k, v = (torch.randn(total, heads, head_dim, device=device) for _ in "qkv")
-    grad_out = torch.randn(total, heads, head_dim, device=device)
+    cu_seqlens = cu_seqlens_of(lengths).to(device)
+    qkv = torch.randn(total, 3, heads, head_dim, device=device) * torch.tensor(magnitudes, device=device)[:, None, None]
+    grad_out = torch.randn(total, heads, 2 * head_dim if strided_grad_out else head_dim, device=device)
     rng_state = torch.tensor([0x1234_5678_9ABC, 17], device=device)
+    key_mask = None if key_mask is None else key_mask.to(device)
+    keep_masks = dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, device) if dropout_p else None
+    options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
 
-    def run(fn, dt):
-        inputs = [t.to(dt).requires_grad_() for t in (q, k, v)]
-        out = fn(*inputs)
-        grads = torch.autograd.grad(out, inputs, grad_out.to(dt)) if total else [t for t in inputs]
-        return [out, *grads]
+    def reference(q, k, v):
+        return reference_attention(q, k, v, cu_seqlens, key_mask=key_mask, keep_masks=keep_masks, **options)
 
-    exact = run(lambda *x: reference_varlen(*x, cu_seqlens.cpu(), dropout_p, rng_state), torch.float32)
-    torch_low = run(lambda *x: reference_varlen(*x, cu_seqlens.cpu(), dropout_p, rng_state), dtype)
-    ours = run(
-        lambda *x: flash_attention_varlen(*x, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state),
-        dtype,
-    )
-    for name, mine, low, ref in zip(("out", "dq", "dk", "dv"), ours, torch_low, exact):
-        assert mine.dtype == dtype and mine.shape == ref.shape
-        assert_flash_rule(name, mine, low, ref)
+    def ours(q, k, v):
+        if key_mask is None:
+            return flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), rng_state=rng_state, **options)
+        padded_shape = (len(lengths), lengths[0], heads, head_dim)
+        out = flash_attention.flash_attention_padded(*(t.view(padded_shape) for t in (q, k, v)),
+                                                     key_mask.view(padded_shape[:2]), rng_state=rng_state,
+                                                     **options)  # fmt: skip
+        return out.view(q.shape)
+
+    def run(attention, dt):
+        leaf = qkv.to(dt).requires_grad_()
+        q, k, v = leaf.unbind(1) if packed_qkv else (t.contiguous() for t in leaf.unbind(1))
+        out = attention(q, k, v)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dt)[..., :head_dim])
+        return out, *grad.unbind(1)
+
+    exact, torch_low, mine = run(reference, torch.float32), run(reference, dtype), run(ours, dtype)
+    for name, result, low, ref in zip(("out", "dq", "dk", "dv"), mine, torch_low, exact):
+        assert result.dtype == dtype and result.shape == ref.shape
+        assert result.isfinite().all(), f"{name} has NaN or inf"
+        assert_flash_rule(name, result, low, ref)
 
 
 def assert_flash_rule(name, mine, torch_low, exact):
-    """flash-attention's rule: our error against `exact` is at most twice PyTorch's at our precision (+ a floor
-    for errors near zero)."""
-    floor = 2e-3 if mine.dtype == torch.float16 else 1.6e-2
+    """flash-attention's rule: our error against `exact` is at most twice PyTorch's at our precision, + 1e-5."""
     ours_error, torch_error = max_error(mine, exact), max_error(torch_low, exact)
-    assert ours_error <= 2 * torch_error + floor, (name, ours_error, torch_error)
+    assert ours_error <= 2 * torch_error + 1e-5, (name, ours_error, torch_error)
 
 
-LENGTHS = [1, 70, 0, 130, 5]  # empty, single-token, one partial tile, several tiles, ragged
+needs_cuda_build = pytest.mark.skipif(not torch.cuda.is_available() or flash_attention.extension() is None,
+                                      reason="needs a CUDA device and the built extension")  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda_build])])
+def device(request):
+    """A matrix test runs twice: through the emulator on CPU tensors at small sizes, and, marked gpu, through the
+    real build at full batch and head counts (benchmarks/device_check.sh runs those)."""
+    if request.param == "cpu":
+        request.getfixturevalue("emulated_flash")
+    return request.param
+
+
+# Lengths on and beside the 64-row tiles, with an empty and a single-token sequence, as in flash-attention's own
+# matrix; the emulator runs the long ones with -m slow only (its time grows with the square of the length).
+TILE_EDGES = [1, 63, 64, 65, 0, 127, 128, 129, 5]
+LONG_TILE_EDGES = [255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2048]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def heads_for(device, dropout_p=0.0):
+    """9 heads on a GPU (3 with dropout, whose reference mask NumPy draws on the host), 2 on the emulator."""
+    return 2 if device == "cpu" else 3 if dropout_p else 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_forward_backward_match_float32_reference(emulated_flash, dtype, head_dim, dropout_p):
-    check_forward_backward(LENGTHS, 2, head_dim, dtype, dropout_p)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+def test_forward_backward_match_float32_reference(device, dtype, head_dim, dropout_p):
+    lengths = TILE_EDGES if device == "cpu" else TILE_EDGES + LONG_TILE_EDGES
+    check_against_float32(lengths, heads_for(device, dropout_p), head_dim, dtype, dropout_p, device=device)
 
 
-def test_a_sequence_of_over_a_thousand_tokens(emulated_flash):
-    check_forward_backward([1030, 3], 1, 64, torch.bfloat16, 0.1)
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, head_dim, dropout_p",
+                         [(torch.bfloat16, 64, 0.17), (torch.float16, 64, 0.0), (torch.bfloat16, 128, 0.0),
+                          (torch.float16, 128, 0.17)])  # fmt: skip
+def test_long_sequences_on_tile_edges(emulated_flash, dtype, head_dim, dropout_p):
+    check_against_float32(LONG_TILE_EDGES, 1, head_dim, dtype, dropout_p)
+
+
+@pytest.mark.parametrize("heads, dtype, head_dim", [(6, torch.float16, 128), (9, torch.bfloat16, 64)])
+def test_six_and_nine_heads(emulated_flash, heads, dtype, head_dim):
+    check_against_float32([70, 5, 129], heads, head_dim, dtype, 0.17)
+
+
+def padding_masks(batch, frames):
+    """(batch · frames,) bool: rows unpadded, left-padded over all but the last 20 keys, and with a random third
+    of the keys masked and the first key tile masked whole; every row keeps some keys."""
+    mask = torch.ones(batch, frames, dtype=torch.bool)
+    mask[1::3, : frames - 20] = False
+    mask[2::3] = torch.rand(len(mask[2::3]), frames) >= 1 / 3
+    mask[2::3, :64] = False
+    return mask.flatten()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softmax_scale, dropout_p", [(None, 0.0), (1.0, 0.17)])
+def test_padded_api_with_whole_key_tiles_masked(device, dtype, head_dim, softmax_scale, dropout_p):
+    batch, frames = (3, 150) if device == "cpu" else (12, 500)
+    key_mask = padding_masks(batch, frames)
+    check_against_float32([frames] * batch, heads_for(device, dropout_p), head_dim, dtype, dropout_p,
+                          softmax_scale=softmax_scale, key_mask=key_mask, device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float16, 128)])
+def test_fully_masked_first_key_tile_with_a_scale_above_one(device, dtype, head_dim):
+    """Left padding masks the first 64-key tile of row 1 whole. With softmax_scale 1.0 the running maximum's start
+    value times scale·log2(e) used to overflow to -inf, and -inf - -inf gave NaN in out and every gradient."""
+    key_mask = (torch.arange(100) >= torch.tensor([0, 70])[:, None]).flatten()
+    check_against_float32([100, 100], 1, head_dim, dtype, softmax_scale=1.0, key_mask=key_mask, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_strided_views_of_packed_qkv_and_a_strided_grad_out(device, dtype, head_dim):
+    lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
+    check_against_float32(lengths, heads_for(device, 0.17), head_dim, dtype, 0.17, packed_qkv=True,
+                          strided_grad_out=True, device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softmax_scale", [None, 1.0])
+def test_large_fp16_inputs_stay_finite_and_accurate(device, head_dim, softmax_scale):
+    lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
+    check_against_float32(lengths, heads_for(device), head_dim, torch.float16, softmax_scale=softmax_scale,
+                          magnitudes=(5.0, 3.0, 3.0), device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("softmax_scale", [0.125, 0.3, 0.7, 1.0, 2.0, -1.0])  # 1/√64 past 1/log2(e); either sign
+def test_softmax_scales_from_one_over_sqrt_d_to_two(device, softmax_scale):
+    lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
+    check_against_float32(lengths, heads_for(device, 0.17), 64, torch.bfloat16, 0.17, softmax_scale=softmax_scale,
+                          device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_kernels_dropout_mask_is_the_philox_reference(device, head_dim):
+    """The mask the kernels apply, read back: with q = k = 0 every weight is 1/L; one-hot values (v[key] = e_key)
+    put weight (query, key) at out[query, key], and a one-hot dO (dO[query] = e_query) puts it at dV[key, query].
+    The second sequence starts at an odd token, and there are several heads: the Philox counter takes both."""
+    lengths, heads, dropout_p = [head_dim - 13, head_dim], heads_for(device) + 1, 0.17
+    total = sum(lengths)
+    eye = torch.eye(head_dim, dtype=torch.bfloat16, device=device)
+    one_hot = torch.cat([eye[:length] for length in lengths])[:, None].expand(total, heads, head_dim).contiguous()
+    zeros = torch.zeros_like(one_hot)
+    v = one_hot.clone().requires_grad_()
+    rng_state = torch.tensor([-0x0123_4567_89AB_CDEF, 12345], device=device)
+    cu_seqlens = cu_seqlens_of(lengths).to(device)
+    out = flash_attention_varlen(zeros, zeros, v, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state)
+    (grad_v,) = torch.autograd.grad(out, v, one_hot)
+    kept = []
+    expected_masks = dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, "cpu")
+    for start, length, expected in zip(cu_seqlens[:-1].tolist(), lengths, expected_masks):
+        forward_kept = (out[start : start + length, :, :length] > 0).transpose(0, 1).cpu()  # (head, query, key)
+        backward_kept = (grad_v[start : start + length, :, :length] > 0).permute(1, 2, 0).cpu()
+        assert torch.equal(forward_kept, expected) and torch.equal(backward_kept, expected)
+        kept.append(forward_kept.flatten())
+    keep_rate = torch.cat(kept).float().mean().item()
+    assert abs(keep_rate - (1 - dropout_p)) < 5 * (dropout_p * (1 - dropout_p) / sum(map(len, kept))) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_scales_dv_once_in_float32(device, dtype, head_dim):
+    """Length-1 sequences: P = 1, so dV = dO · keep / (1 - p) is one product, and the kernel must round it once
+    (FlashAttention-2 scales the fp32 dV accumulator at the end), not round 1 / (1 - p) to the dtype first."""
+    sequences, heads, dropout_p = 16, heads_for(device), 0.17
+    q, k, v = (torch.randn(sequences, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+               for _ in "qkv")  # fmt: skip
+    rng_state = torch.tensor([5, 0], device=device)
+    cu_seqlens = cu_seqlens_of([1] * sequences).to(device)
+    out = flash_attention_varlen(q, k, v, cu_seqlens, 1, dropout_p=dropout_p, rng_state=rng_state)
+    grad_out = torch.randn_like(out) * 3
+    (grad_v,) = torch.autograd.grad(out, v, grad_out)
+    keep = torch.stack([mask[:, 0, 0] for mask in dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, "cpu")])
+    keep_scale = torch.tensor(1 / (1 - dropout_p), dtype=torch.float32)  # the kernel's, a float32
+    expected = (grad_out.float().cpu() * keep[..., None] * keep_scale).to(dtype)
+    assert keep.any() and not keep.all()
+    torch.testing.assert_close(grad_v.cpu(), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+def test_a_rerun_gives_the_same_bits(device, dropout_p):
+    """The forward has no atomics, nor has dK and dV's accumulation (dQ adds with atomics): a rerun must match."""
+    lengths = [70, 5] if device == "cpu" else TILE_EDGES + LONG_TILE_EDGES
+    heads = heads_for(device)
+    q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+               for _ in "qkv")  # fmt: skip
+    grad_out = torch.randn_like(q)
+    cu_seqlens = cu_seqlens_of(lengths).to(device)
+    rng_state = torch.tensor([7, 3], device=device)
+
+    def run():
+        out = flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state)
+        return out, *torch.autograd.grad(out, (k, v), grad_out)
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
 
 
 def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
@@ -222,6 +398,8 @@ def test_flash_attention_varlen_names_bad_arguments(emulated_flash):
         flash_attention_varlen(good, good, good, cu_seqlens.long(), 8)
     with pytest.raises(ValueError, match="rng_state must be"):
         flash_attention_varlen(good, good, good, cu_seqlens, 8, dropout_p=0.1, rng_state=torch.tensor([1]))
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number, got inf"):
+        flash_attention_varlen(good, good, good, cu_seqlens, 8, softmax_scale=float("inf"))
 
 
 def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):
@@ -309,31 +487,6 @@ def test_csrc_compiles_for_sm90_without_spills():
     for name, stack, stores, loads in kernels:
         limit = 0 if "Li64E" in name or "Li128E" not in name else 16
         assert max(int(stack), int(stores), int(loads)) <= limit, (name, stack, stores, loads)
-
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or flash_attention.extension() is None,
-                         reason="needs a CUDA device and the built extension")  # fmt: skip
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_gpu_forward_backward_match_float32_reference(dtype, head_dim, dropout_p):
-    check_forward_backward([1, 250, 1, 1500, 77, 500], 3, head_dim, dtype, dropout_p, device="cuda")
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_dropout_is_deterministic_and_matches_the_numpy_mask():
-    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
-    cu_seqlens = cu_seqlens_of([300]).cuda()
-    rng_state = torch.tensor([99, 1], device="cuda")
-    first = flash_attention_varlen(q, k, v, cu_seqlens, 300, dropout_p=0.1, rng_state=rng_state)
-    assert torch.equal(first, flash_attention_varlen(q, k, v, cu_seqlens, 300, dropout_p=0.1, rng_state=rng_state))
-    expected = reference_varlen(q.float(), k.float(), v.float(), cu_seqlens.cpu(), 0.1, rng_state)
-    assert max_error(first, expected) < 2e-2
 
 
 def test_info_reports_the_extension_and_every_op(emulated_flash, capsys):

@@ -1,5 +1,9 @@
+// Fibers switch by _setjmp/_longjmp between stacks, which glibc's fortified longjmp rejects as a jump into an
+// "uninitialized stack frame": fortification is off for this file (it must come before any system header).
+#undef _FORTIFY_SOURCE
 #include "emulator.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -25,8 +29,12 @@ struct PendingCopy {
   const uint16_t* source;  // nullptr: zero fill
 };
 
+// A fiber starts on its own stack through ucontext (once per block), then switches by _setjmp/_longjmp, which do
+// not save the signal mask: swapcontext's sigprocmask system call on every switch was most of the emulator's time.
 struct Fiber {
-  ucontext_t context;
+  ucontext_t start;
+  jmp_buf resume;  // where the fiber left off, at a barrier
+  bool started = false;
   std::vector<char> stack;
   std::vector<PendingCopy> pending;  // cp.async issued, not yet waited for
   bool done = false;
@@ -34,10 +42,18 @@ struct Fiber {
   uint64_t waiting_generation = 0;
 };
 
+struct Exchange {  // what the lanes of one warp-wide instruction share
+  float shuffled[kWarpSize];     // a lane's shfl value
+  float a[16][16], b[16][8];     // an mma's operands, each lane's fragment decoded as the lane arrives
+  uint16_t rows[kWarpSize][8];   // the matrix row each lane's ldmatrix address points at, read as the lane arrives
+};
+
+// Warp-wide instructions take one barrier each: they alternate between two exchange areas by the barrier's
+// generation, and a lane can only write the area of instruction n + 2 after every lane has reached the barrier of
+// n + 1, that is after every lane has read what instruction n left there.
 struct Warp {
   Barrier barrier;
-  uint32_t words[kWarpSize][6];  // a lane's operands of a warp-wide instruction
-  const uint16_t* rows[kWarpSize];  // the row addresses of an ldmatrix
+  Exchange exchange[2];
 };
 
 struct Block {
@@ -47,7 +63,7 @@ struct Block {
   std::vector<Warp> warps;
   std::vector<unsigned char> shared;
   Barrier barrier;
-  ucontext_t scheduler;
+  jmp_buf scheduler;  // where run_block resumes when the running fiber waits or finishes
   int current = 0;
 };
 
@@ -57,7 +73,23 @@ void fiber_main() {
   Block& block = *active;
   (*block.body)();
   wait_async();  // a kernel may leave copies in flight; they still land
-  block.fibers[block.current].done = true;  // returning resumes the scheduler (uc_link)
+  block.fibers[block.current].done = true;
+  _longjmp(block.scheduler, 1);  // never returns: the start context has no uc_link
+}
+
+// The running fiber gives the CPU back to run_block; returns when run_block resumes it.
+[[gnu::noinline]] void yield_to_scheduler(Fiber& fiber) {
+  if (_setjmp(fiber.resume) == 0) _longjmp(active->scheduler, 1);
+}
+
+// run_block runs `fiber` until it waits or finishes.
+[[gnu::noinline]] void resume(Block& block, Fiber& fiber) {
+  if (_setjmp(block.scheduler) != 0) return;
+  if (!fiber.started) {
+    fiber.started = true;
+    setcontext(&fiber.start);
+  }
+  _longjmp(fiber.resume, 1);
 }
 
 void wait(Barrier& barrier) {
@@ -71,21 +103,24 @@ void wait(Barrier& barrier) {
   Fiber& fiber = block.fibers[block.current];
   fiber.waiting_on = &barrier;
   fiber.waiting_generation = generation;
-  swapcontext(&fiber.context, &block.scheduler);
+  yield_to_scheduler(fiber);
 }
 
 Warp& my_warp() { return active->warps[active->current / kWarpSize]; }
+// The exchange area of the warp-wide instruction the calling lane enters.
+Exchange& my_exchange(Warp& warp) { return warp.exchange[warp.barrier.generation & 1]; }
 int my_lane() { return active->current % kWarpSize; }
 
 void run_block(Block& block) {
   for (Fiber& fiber : block.fibers) {
     fiber.done = false;
+    fiber.started = false;
     fiber.waiting_on = nullptr;
-    getcontext(&fiber.context);
-    fiber.context.uc_stack.ss_sp = fiber.stack.data();
-    fiber.context.uc_stack.ss_size = fiber.stack.size();
-    fiber.context.uc_link = &block.scheduler;
-    makecontext(&fiber.context, fiber_main, 0);
+    getcontext(&fiber.start);
+    fiber.start.uc_stack.ss_sp = fiber.stack.data();
+    fiber.start.uc_stack.ss_size = fiber.stack.size();
+    fiber.start.uc_link = nullptr;
+    makecontext(&fiber.start, fiber_main, 0);
   }
   size_t remaining = block.fibers.size();
   while (remaining > 0) {
@@ -96,7 +131,7 @@ void run_block(Block& block) {
       if (fiber.waiting_on != nullptr && fiber.waiting_on->generation == fiber.waiting_generation) continue;
       fiber.waiting_on = nullptr;
       block.current = int(i);
-      swapcontext(&block.scheduler, &fiber.context);
+      resume(block, fiber);
       progressed = true;
       if (fiber.done) --remaining;
     }
@@ -160,54 +195,50 @@ void wait_async() {
 
 float shfl_xor(float value, int lane_mask) {
   Warp& warp = my_warp();
+  Exchange& exchange = my_exchange(warp);
   int lane = my_lane();
-  std::memcpy(&warp.words[lane][0], &value, 4);
+  exchange.shuffled[lane] = value;
   wait(warp.barrier);
-  float partner;
-  std::memcpy(&partner, &warp.words[lane ^ lane_mask][0], 4);
-  wait(warp.barrier);
-  return partner;
+  return exchange.shuffled[lane ^ lane_mask];
 }
 
 void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], float (*to_float)(uint16_t)) {
   Warp& warp = my_warp();
+  Exchange& exchange = my_exchange(warp);
   int lane = my_lane();
-  for (int i = 0; i < 4; ++i) warp.words[lane][i] = a[i];
-  warp.words[lane][4] = b[0];
-  warp.words[lane][5] = b[1];
+  // The lane's fragments (see mma_16x8x16 in platform.h): A[g + 8·(i % 2)][2t + 8·(i / 2) + {0, 1}] in a[i],
+  // B[2t + 8·j + {0, 1}][g] in b[j].
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    float* a_pair = &exchange.a[g + 8 * (i % 2)][2 * t + 8 * (i / 2)];
+    a_pair[0] = to_float(uint16_t(a[i] & 0xffffu));
+    a_pair[1] = to_float(uint16_t(a[i] >> 16));
+  }
+  for (int j = 0; j < 2; ++j) {
+    exchange.b[2 * t + 8 * j][g] = to_float(uint16_t(b[j] & 0xffffu));
+    exchange.b[2 * t + 8 * j + 1][g] = to_float(uint16_t(b[j] >> 16));
+  }
   wait(warp.barrier);
-  // The element at (row, k) of A and (k, column) of B, found in the lane and register that hold it.
-  auto half = [](uint32_t word, int k) { return uint16_t(k % 2 ? word >> 16 : word & 0xffffu); };
-  auto a_at = [&](int row, int k) {
-    int holder = (row % 8) * 4 + (k % 8) / 2;
-    int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return to_float(half(warp.words[holder][reg], k));
-  };
-  auto b_at = [&](int k, int column) {
-    int holder = column * 4 + (k % 8) / 2;
-    return to_float(half(warp.words[holder][4 + (k >= 8 ? 1 : 0)], k));
-  };
-  int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
     int row = g + (i >= 2 ? 8 : 0), column = 2 * t + i % 2;
     float sum = 0.0f;
-    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);
+    for (int k = 0; k < 16; ++k) sum += exchange.a[row][k] * exchange.b[k][column];
     d[i] += sum;
   }
-  wait(warp.barrier);
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool transposed) {
   Warp& warp = my_warp();
+  Exchange& exchange = my_exchange(warp);
   int lane = my_lane();
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {  // a kernel bug; exceptions cannot leave a fiber
     std::fprintf(stderr, "emulator: ldmatrix row address not 16-byte aligned\n");
     std::abort();
   }
-  warp.rows[lane] = row;
+  std::memcpy(exchange.rows[lane], row, 16);
   wait(warp.barrier);
   for (int i = 0; i < 4; ++i) {
-    const uint16_t* const* matrix = warp.rows + 8 * i;
+    const uint16_t(*matrix)[8] = exchange.rows + 8 * i;
     uint16_t lo, hi;
     if (transposed) {
       lo = matrix[2 * (lane % 4)][lane / 4];
@@ -218,7 +249,6 @@ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool transposed) {
     }
     r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
-  wait(warp.barrier);
 }
 
 uint16_t float_to_bf16(float value) {

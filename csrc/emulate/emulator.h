@@ -1,6 +1,7 @@
-// A CPU emulator for the flash-attention kernels: each CUDA thread of a block is a fiber (ucontext) on one CPU
-// thread, switched only at barriers, so barriers, warp shuffles and warp-wide tensor-core instructions keep
-// their CUDA meaning. A barrier that not every thread reaches is reported as an error instead of hanging.
+// A CPU emulator for the flash-attention kernels: each CUDA thread of a block is a fiber on one CPU thread
+// (started by ucontext, switched by _setjmp/_longjmp) that yields only at barriers, so barriers, warp shuffles and
+// warp-wide tensor-core instructions keep their CUDA meaning. A barrier that not every thread reaches is reported
+// as an error instead of hanging.
 #pragma once
 
 #include <cmath>

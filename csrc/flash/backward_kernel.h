@@ -117,7 +117,9 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       mma_nk_tile<Element>(grad_prob, v_frag, grad_out_tile, Smem::kStride, kk * 16);
     }
 
-    // P = exp(S·scale − lse); with dropout Z = keep / (1 − p): dV takes P∘Z, dS = P ∘ (Z∘dP − delta).
+    // P = exp(S·scale − lse); with dropout Z = keep / (1 − p): dV = (P∘Z)ᵀ dO, dS = P ∘ (Z∘dP − delta).
+    // dV's product takes P∘keep and 1 / (1 − p) scales the fp32 dV once at the end, as FlashAttention-2 does:
+    // rounding P / (1 − p) to the input dtype would add an error PyTorch does not make.
     float grad_logit[kQueryTiles][4];
     SPIDR_UNROLL
     for (int nt = 0; nt < kQueryTiles; ++nt) {
@@ -135,7 +137,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
         float dropped = probability, grad = grad_prob[nt][i];
         if constexpr (Dropout) {
           bool keep = draw_of(draws[i / 2], m0 + query, key) >= p.drop_threshold;
-          dropped = keep ? probability * p.keep_scale : 0.0f;
+          dropped = keep ? probability : 0.0f;
           grad = keep ? grad * p.keep_scale : 0.0f;
         }
         prob[nt][i] = dropped;
@@ -143,7 +145,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       }
     }
 
-    // dV += (P∘Z)ᵀ dO and dK += dSᵀ Q: the accumulators' layout is the A fragment layout, queries as k.
+    // dV += (P∘keep)ᵀ dO and dK += dSᵀ Q: the accumulators' layout is the A fragment layout, queries as k.
     SPIDR_UNROLL
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       uint32_t a_prob[4], a_grad[4];
@@ -187,6 +189,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const int64_t grad_offset = int64_t(start) * p.grad_token_stride + head * p.grad_head_stride;
   auto* grad_k_out = static_cast<uint16_t*>(p.grad_k) + grad_offset;
   auto* grad_v_out = static_cast<uint16_t*>(p.grad_v) + grad_offset;
+  const float grad_v_scale = Dropout ? p.keep_scale : 1.0f;
   SPIDR_UNROLL
   for (int r = 0; r < 2; ++r) {
     int key = n0 + key_rows[r];
@@ -196,7 +199,8 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       int64_t offset = int64_t(key) * p.grad_token_stride + dt * 8 + 2 * t;
       store_u32(grad_k_out + offset,
                 Element::pack(grad_k[dt][2 * r] * p.softmax_scale, grad_k[dt][2 * r + 1] * p.softmax_scale));
-      store_u32(grad_v_out + offset, Element::pack(grad_v[dt][2 * r], grad_v[dt][2 * r + 1]));
+      store_u32(grad_v_out + offset,
+                Element::pack(grad_v[dt][2 * r] * grad_v_scale, grad_v[dt][2 * r + 1] * grad_v_scale));
     }
   }
 }

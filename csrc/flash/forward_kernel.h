@@ -3,8 +3,6 @@
 // softmax in fp32. The logits never reach global memory; the log-sum-exp is saved for the backward.
 #pragma once
 
-#include <cfloat>
-
 #include "params.h"
 #include "philox.h"
 #include "platform.h"
@@ -15,6 +13,7 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kBlockM = 64;    // query rows per block (16 per warp)
 constexpr int kBlockN = 64;    // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // Shared-memory tiles are row-major with rows padded by 8 elements (16 bytes), so that the 8 rows an ldmatrix
 // phase reads fall on different banks.
@@ -97,8 +96,14 @@ SPIDR_DEVICE void accumulator_to_a(const float (&lo)[4], const float (&hi)[4], u
   a[3] = Element::pack(hi[2], hi[3]);
 }
 
+// Blocks per SM that the registers must allow, 0 for no requirement. Head dim 128 without dropout had 168
+// registers, three blocks (as many as shared memory allows), until the online softmax started from -inf; ptxas
+// then picks 184, two blocks, unless asked for three. (A requirement of 1 or more for the others changes theirs.)
+constexpr int forward_min_blocks(int head_dim, bool dropout) { return head_dim == 128 && !dropout ? 3 : 0; }
+
 template <typename Element, int HeadDim, bool Dropout>
-SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
+SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Dropout))
+    flash_forward_kernel(ForwardParams p) {
   using Smem = ForwardSmem<HeadDim>;
   constexpr int kKSteps = HeadDim / 16;  // k-steps of the QK^T product
   constexpr int kDimTiles = HeadDim / 8;  // n-tiles of the output
@@ -145,8 +150,10 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
   for (auto& tile : acc)
     SPIDR_UNROLL
     for (float& x : tile) x = 0.0f;
-  float row_max[2] = {-FLT_MAX, -FLT_MAX};  // finite: the first correction factor is exp2(-huge) = 0
-  float row_sum[2] = {0.0f, 0.0f};           // this lane's share; the quad's shares are summed at the end
+  // The online softmax works on logits already scaled to log2 units (s · scale · log2 e), masked ones -inf.
+  // row_max stays -inf until the row meets a valid key.
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's share; the quad's shares are summed at the end
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   for (int n0 = 0, stage = 0; n0 < seqlen; n0 += kBlockN, stage ^= 1) {
@@ -165,22 +172,26 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     for (int kk = 0; kk < kKSteps; ++kk) mma_nk_tile<Element>(s, q_frag[kk], k_tile, Smem::kStride, kk * 16);
 
     // Online softmax: the new running maximum, the factor that rescales what came before, the new weights.
-    float tile_max[2] = {-FLT_MAX, -FLT_MAX};
+    // Scaling before masking keeps a masked logit -inf whatever the scale's sign or size.
+    float tile_max[2] = {-INFINITY, -INFINITY};
     SPIDR_UNROLL
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
-        if (!key_valid[nt * 8 + 2 * t + i % 2]) s[nt][i] = -INFINITY;
+        s[nt][i] = key_valid[nt * 8 + 2 * t + i % 2] ? s[nt][i] * scale_log2 : -INFINITY;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], s[nt][i]);
       }
     }
-    float correction[2];
+    float correction[2], subtracted_max[2];
     SPIDR_UNROLL
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
       float new_max = fmaxf(row_max[r], tile_max[r]);
-      correction[r] = fast_exp2((row_max[r] - new_max) * scale_log2);
+      // While no key of the row is valid, subtract 0: -inf - -inf would be NaN. Every weight is then
+      // exp2(-inf) = 0, and so is the correction of a row that had no valid key before this tile.
+      subtracted_max[r] = new_max == -INFINITY ? 0.0f : new_max;
+      correction[r] = fast_exp2(row_max[r] - subtracted_max[r]);
       row_max[r] = new_max;
       row_sum[r] *= correction[r];
     }
@@ -199,7 +210,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
-        float weight = fast_exp2(s[nt][i] * scale_log2 - row_max[i / 2] * scale_log2);
+        float weight = fast_exp2(s[nt][i] - subtracted_max[i / 2]);
         row_sum[i / 2] += weight;  // the softmax normalises over every weight, dropped or not
         if constexpr (Dropout) {
           if (draw_of(draws[i / 2], rows[i / 2], n0 + nt * 8 + 2 * t + i % 2) < p.drop_threshold) weight = 0.0f;
@@ -229,7 +240,7 @@ SPIDR_GLOBAL void flash_forward_kernel(ForwardParams p) {
     SPIDR_UNROLL
     for (int dt = 0; dt < kDimTiles; ++dt)
       store_u32(out_row + dt * 8 + 2 * t, Element::pack(acc[dt][2 * r] * inverse, acc[dt][2 * r + 1] * inverse));
-    if (t == 0) p.lse[int64_t(head) * p.total_tokens + start + rows[r]] = row_max[r] * p.softmax_scale + logf(total);
+    if (t == 0) p.lse[int64_t(head) * p.total_tokens + start + rows[r]] = row_max[r] * kLn2 + logf(total);
     // (no valid key: lse = -inf, and the backward gives such a row's keys no probability either way)
   }
 }

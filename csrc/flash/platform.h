@@ -13,6 +13,7 @@
 #define SPIDR_DEVICE inline
 #define SPIDR_HOST_DEVICE inline
 #define SPIDR_GLOBAL
+#define SPIDR_LAUNCH_BOUNDS(threads, min_blocks)
 #define SPIDR_RESTRICT
 #define SPIDR_UNROLL
 #else
@@ -22,6 +23,7 @@
 #define SPIDR_DEVICE __device__ __forceinline__
 #define SPIDR_HOST_DEVICE __host__ __device__ __forceinline__
 #define SPIDR_GLOBAL __global__
+#define SPIDR_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
 #define SPIDR_RESTRICT __restrict__
 #define SPIDR_UNROLL _Pragma("unroll")  // fixed-size register arrays must not spill to local memory
 #endif

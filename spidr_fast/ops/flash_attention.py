@@ -11,6 +11,7 @@ allocates every output. `use_extension` swaps in another build of it: the tests 
 
 import functools
 import importlib
+import math
 from types import ModuleType
 
 import numpy as np
@@ -208,6 +209,15 @@ def _rng_state(q: torch.Tensor, dropout_p: float, rng_state: torch.Tensor | None
     return rng_state
 
 
+def _softmax_scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    """1/√head_dim by default; any finite scale, of either sign, otherwise (the kernels mask after scaling)."""
+    if softmax_scale is None:
+        return q.shape[-1] ** -0.5
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale}")
+    return float(softmax_scale)
+
+
 def flash_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -232,7 +242,7 @@ def flash_attention_varlen(
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be (B + 1,) int32 on q's device {q.device}, got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")  # fmt: skip
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = _softmax_scale(q, softmax_scale)
     rng_state = _rng_state(q, dropout_p, rng_state)
     out, _ = _forward_op(q, k, v, cu_seqlens, None, rng_state, max_seqlen, float(dropout_p), scale)
     return out
@@ -272,7 +282,7 @@ def flash_attention_padded(
                              f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")  # fmt: skip
         key_mask = key_padding_mask.reshape(-1).contiguous()
     cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = _softmax_scale(q, softmax_scale)
     rng_state = _rng_state(q, dropout_p, rng_state)
     out, _ = _forward_op(*packed, cu_seqlens, key_mask, rng_state, frames, float(dropout_p), scale)
     return out.view(q.shape)
