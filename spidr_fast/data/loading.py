@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from spidr_fast.data.manifest import read_manifest
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
 from spidr_fast.data.synthetic import SAMPLE_RATE, SyntheticCorpus
+from spidr_fast.preemption import leave_shutdown_to_the_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class DataConfig:
             )
 
 
+class UnusableAudio(Exception):
+    """A file that decodes but cannot be trained on (wrong rate or channels, too short, non-finite samples)."""
+
+
 class AudioSource:
     """The utterances of a manifest, decoded with soundfile; only 16 kHz mono is accepted."""
 
@@ -78,8 +83,8 @@ class AudioSource:
         path = self.entries[index].path
         with soundfile.SoundFile(str(path)) as audio:
             if audio.samplerate != SAMPLE_RATE or audio.channels != 1:
-                raise ValueError(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
-                                 f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
+                raise UnusableAudio(f"expected mono audio at {SAMPLE_RATE} Hz, "
+                                    f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
             return audio.read(dtype="float32")
 
 
@@ -110,23 +115,33 @@ def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
 
 
 class SpeechDataset(Dataset):
-    """Items are (index, batch seed) pairs from `BucketBatchSampler`; an unreadable file gives None, logged."""
+    """Items are (index, batch seed) pairs from `BucketBatchSampler`. A file that cannot be trained on (missing,
+    undecodable, truncated below `min_samples`, header only, non-finite, not 16 kHz mono) gives None and a warning
+    that names it, so that one bad file among millions costs a sample, not the run."""
 
-    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool) -> None:
+    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool, min_samples: int = 1) -> None:
         self.source = source
         self.normalize = normalize
+        self.min_samples = max(min_samples, 1)
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _load_checked(self, index: int) -> Tensor:
+        waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(index)))
+        if waveform.numel() < self.min_samples:  # truncated or header-only: the manifest promised more
+            raise UnusableAudio(f"{waveform.numel()} samples decoded, fewer than data.min_sample_size = "
+                                f"{self.min_samples}")  # fmt: skip
+        if not bool(waveform.isfinite().all()):
+            raise UnusableAudio("non-finite samples")
+        return waveform
+
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int]:
         index, batch_seed = item
         try:
-            waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(index)))
-        except ValueError:
-            raise  # a wrong format is a configuration error, not a corrupt file
+            waveform = self._load_checked(index)
         except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
-            logger.warning("skipping unreadable audio %s: %s", self.source.name(index), error)
+            logger.warning("skipping unusable audio %s: %s", self.source.name(index), error)
             return None, batch_seed
         if self.normalize:
             waveform = F.layer_norm(waveform, waveform.shape)
@@ -250,15 +265,17 @@ def build_loader(
                                  world_size=world_size)  # fmt: skip
     workers = cfg.num_workers
     return DataLoader(
-        SpeechDataset(source, normalize=cfg.normalize),
+        SpeechDataset(source, normalize=cfg.normalize, min_samples=cfg.min_sample_size),
         batch_sampler=sampler,
         collate_fn=Collator(cfg, masking, frames_of),
         num_workers=workers,
         pin_memory=pin_memory and cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
+        worker_init_fn=leave_shutdown_to_the_main_process,
         # Its own generator: starting an epoch must not draw from the global RNG that dropout uses, or a
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.random_seed + rank),
     )
+
 
