@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from test_train import tiny_cli_args
 
 from spidr_fast.train import checkpoint
 from spidr_fast.train.__main__ import main
+from spidr_fast.train.loop import _carry_position_over
 
 HARNESS = Path(__file__).with_name("fault_harness.py")
 MAX_STEPS = 8
@@ -247,3 +249,44 @@ def test_a_dead_rank_stops_the_others_with_an_error_and_a_restart_resumes(tmp_pa
     assert finish(launch(run_dir, "--set=optimizer.max_steps=7")) == 0
     assert "resuming a run of 2 ranks on 1" in run_dir.with_suffix(".log").read_text()
     assert latest_step(run_dir) == 7
+
+
+def test_world_size_change_keeps_the_global_count_of_batches_trained_on():
+    for saved, position, now, expected in ((2, 6, 1, 12), (1, 12, 2, 6), (2, 5, 3, 3), (4, 4, 4, 4)):
+        state = {"world_size": saved, "position": position, "epoch": 1}
+        _carry_position_over(state, now)
+        assert state["position"] == expected, (saved, position, now)
+
+
+# --- audio ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_audio_files_are_skipped_named_and_counted_and_the_run_goes_on(tmp_path):
+    """Among good files: truncated, zero-length, header-only, NaN-filled, missing, 8 kHz and stereo files, read by
+    two loader workers. Each is skipped and named, counted in the metrics, and the run trains to its end (a wrong
+    rate or channel count used to stop it with an exception; a NaN file made a non-finite step)."""
+    from spidr_fast.data.synthetic import SyntheticCorpus
+
+    manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
+    wav = tmp_path / "corpus" / "wav"
+    good = soundfile.read(wav / "utt00000.wav", dtype="float32")[0]
+    soundfile.write(wav / "truncated.wav", good, 16_000, subtype="PCM_16")
+    (wav / "truncated.wav").write_bytes((wav / "truncated.wav").read_bytes()[:2_044])  # 1,000 samples of 16,000+
+    (wav / "zero_length.wav").write_bytes(b"")
+    soundfile.write(wav / "header_only.wav", np.zeros(0, dtype=np.float32), 16_000)
+    soundfile.write(wav / "nan.wav", np.full(len(good), np.nan, dtype=np.float32), 16_000, subtype="FLOAT")
+    soundfile.write(wav / "rate_8k.wav", good, 8_000)
+    soundfile.write(wav / "stereo.wav", np.stack([good, good], axis=1), 16_000)
+    bad = ["truncated", "zero_length", "header_only", "nan", "missing", "rate_8k", "stereo"]
+    with manifest.open("a") as f:
+        f.writelines(f"wav/{name}.wav\t{len(good)}\n" for name in bad)
+    run_dir = tmp_path / "run"
+    # Every file in one batch, so that each step reads each file once.
+    process = launch(run_dir, "--manifest", str(manifest), "--set=optimizer.max_steps=2", "--set=run.validate_interval=0",
+                     "--set=data.max_batch_length=1000000", "--set=data.num_buckets=1")  # fmt: skip
+    log = run_dir.with_suffix(".log")
+    assert finish(process) == 0, log.read_text()
+    for name in bad:
+        assert f"skipping unusable audio {wav / name}.wav" in log.read_text(), name
+    assert [r["skipped_files"] for r in train_records(run_dir).values()] == [len(bad), 2 * len(bad)]
+    assert "non-finite" not in log.read_text().replace("non-finite samples", "")
