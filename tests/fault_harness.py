@@ -1,16 +1,20 @@
-"""The training CLI with one phase made slow, so that a test can signal or kill the process group in the middle of
-it: `python tests/fault_harness.py PHASE SECONDS EVENTS_DIR CLI_ARGS...`, PHASE "save" (each checkpoint write
-stops halfway through the file for SECONDS: a slow disk) or "validation" (each validation starts SECONDS late).
-Each slow phase first creates EVENTS_DIR/<PHASE>-<n>, which the test waits for."""
+"""The training CLI with one phase made slow or faulty, so that a test can signal or kill the process group in the
+middle of it: `python tests/fault_harness.py PHASE SECONDS EVENTS_DIR CLI_ARGS...`, PHASE "save" (each checkpoint
+write stops halfway through the file for SECONDS: a slow disk), "validation" (each validation starts SECONDS late)
+or "decoder-crash" (decoding a file whose name contains "crash" kills the loader worker with SIGSEGV, as a
+crashing native decoder does). Each slow phase first creates EVENTS_DIR/<PHASE>-<n>, which the test waits for."""
 
 import io
 import itertools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from spidr_fast.data.loading import AudioSource
 from spidr_fast.train import loop
 from spidr_fast.train.__main__ import main
 
@@ -45,8 +49,17 @@ def run_with_a_slow_phase(phase: str, seconds: float, events: Path, argv: list[s
             return validate(*args, **kwargs)
 
         loop.validate = slow_validate
+    elif phase == "decoder-crash":
+        load = AudioSource.load
+
+        def crashing_load(self: AudioSource, index: int):  # noqa: ANN202
+            if "crash" in self.name(index):
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return load(self, index)
+
+        AudioSource.load = crashing_load
     else:
-        raise ValueError(f"PHASE must be 'save' or 'validation', got {phase!r}")
+        raise ValueError(f"PHASE must be 'save', 'validation' or 'decoder-crash', got {phase!r}")
     return main(argv)
 
 

@@ -290,3 +290,24 @@ def test_bad_audio_files_are_skipped_named_and_counted_and_the_run_goes_on(tmp_p
         assert f"skipping unusable audio {wav / name}.wav" in log.read_text(), name
     assert [r["skipped_files"] for r in train_records(run_dir).values()] == [len(bad), 2 * len(bad)]
     assert "non-finite" not in log.read_text().replace("non-finite samples", "")
+
+
+def test_a_loader_worker_killed_by_its_decoder_names_the_file_and_the_run_goes_on(tmp_path):
+    """A file whose decoding kills the worker (SIGSEGV, as a crashing native decoder): the run names it, skips it
+    from then on and restarts the loader at the batch it was making, and trains to its end. Before, the worker's
+    death was raised in the main process wherever it was, and the run exited 1."""
+    from spidr_fast.data.synthetic import SyntheticCorpus
+
+    manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
+    wav = tmp_path / "corpus" / "wav"
+    shutil.copy(wav / "utt00000.wav", wav / "crash.wav")
+    with manifest.open("a") as f:
+        f.write(f"wav/crash.wav\t{soundfile.info(wav / 'crash.wav').frames}\n")
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, "--manifest", str(manifest), "--set=optimizer.max_steps=3", "--set=run.validate_interval=0",
+                     "--set=data.max_batch_length=1000000", "--set=data.num_buckets=1",
+                     harness=("decoder-crash", tmp_path / "events"))  # fmt: skip
+    log = run_dir.with_suffix(".log")
+    assert finish(process) == 0, log.read_text()
+    assert f"a loader worker died decoding {wav / 'crash.wav'}: skipping that file from now on" in log.read_text()
+    assert [r["skipped_files"] for r in train_records(run_dir).values()] == [1, 2, 3]  # one batch per epoch

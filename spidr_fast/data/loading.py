@@ -6,6 +6,7 @@ so a batch is the same whichever worker makes it, and a resumed run sees exactly
 """
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from spidr_fast.data.manifest import read_manifest
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
@@ -56,6 +57,14 @@ class DataConfig:
                 "data: need 0 <= min_sample_size <= max_sample_size <= max_batch_length, got "
                 f"{self.min_sample_size}, {self.max_sample_size}, {self.max_batch_length}"
             )
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class UnusableAudio(Exception):
@@ -117,12 +126,23 @@ def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
 class SpeechDataset(Dataset):
     """Items are (index, batch seed) pairs from `BucketBatchSampler`. A file that cannot be trained on (missing,
     undecodable, truncated below `min_samples`, header only, non-finite, not 16 kHz mono) gives None and a warning
-    that names it, so that one bad file among millions costs a sample, not the run."""
+    that names it, so that one bad file among millions costs a sample, not the run. So does a file in `excluded`:
+    one whose decoding killed a loader worker before.
 
-    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool, min_samples: int = 1) -> None:
+    With `workers`, each worker announces in shared memory the file it is decoding, so that when one dies (a
+    decoder crash) the main process can name the file and exclude it (`files_that_killed_a_worker`)."""
+
+    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool, min_samples: int = 1,
+                 workers: int = 0, excluded: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.source = source
         self.normalize = normalize
         self.min_samples = max(min_samples, 1)
+        self.excluded = excluded
+        self.decoding = torch.full((workers, 2), -1, dtype=torch.int64).share_memory_()  # (pid, index) per worker
+
+    def files_that_killed_a_worker(self) -> list[int]:
+        """The indices that workers which no longer exist were decoding when they died."""
+        return [index for pid, index in self.decoding.tolist() if index >= 0 and not _process_exists(pid)]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -138,11 +158,20 @@ class SpeechDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int]:
         index, batch_seed = item
+        if index in self.excluded:
+            logger.warning("skipping unusable audio %s: its decoding killed a loader worker", self.source.name(index))
+            return None, batch_seed
+        worker = get_worker_info()
+        if worker is not None:
+            self.decoding[worker.id] = torch.tensor([os.getpid(), index])
         try:
             waveform = self._load_checked(index)
         except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
             logger.warning("skipping unusable audio %s: %s", self.source.name(index), error)
             return None, batch_seed
+        finally:
+            if worker is not None:
+                self.decoding[worker.id, 1] = -1
         if self.normalize:
             waveform = F.layer_norm(waveform, waveform.shape)
         return waveform, batch_seed
@@ -259,13 +288,16 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    excluded: frozenset[int] = frozenset(),
 ) -> DataLoader:
+    """`excluded`: indices of files skipped without being read (see `SpeechDataset`)."""
     source = build_source(cfg)
     sampler = BucketBatchSampler([source.num_samples(i) for i in range(len(source))], cfg, rank=rank,
                                  world_size=world_size)  # fmt: skip
     workers = cfg.num_workers
     return DataLoader(
-        SpeechDataset(source, normalize=cfg.normalize, min_samples=cfg.min_sample_size),
+        SpeechDataset(source, normalize=cfg.normalize, min_samples=cfg.min_sample_size, workers=workers,
+                      excluded=excluded),
         batch_sampler=sampler,
         collate_fn=Collator(cfg, masking, frames_of),
         num_workers=workers,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from spidr_fast.data.loading import Batch, build_loader
 from spidr_fast.models import build_model
@@ -115,8 +117,7 @@ class Trainer:
         self.model = build_model(cfg=cfg.model, model_type=cfg.run.model_type, checkpoint=cfg.run.init_ckpt)
         self.model.to(self.device).train()
         self.model.defer_codebook_updates = True
-        self.loader = build_loader(cfg.data, cfg.masking, partial(num_frames, cfg.model), rank=ctx.rank,
-                                   world_size=ctx.world_size, pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.loader = self._build_loader(frozenset())
         self.step, self.epoch, self.position, self.nonfinite_in_a_row, self.skipped_files = 0, 0, 0, 0, 0
         state = checkpoint.load_latest(self.checkpoint_dir)
         if state is not None:
@@ -188,14 +189,42 @@ class Trainer:
 
     # --- data ------------------------------------------------------------------------------------------------------
 
+    def _build_loader(self, excluded: frozenset[int]) -> DataLoader:
+        return build_loader(self.cfg.data, self.cfg.masking, partial(num_frames, self.cfg.model), rank=self.ctx.rank,
+                            world_size=self.ctx.world_size, pin_memory=self.device.type == "cuda",
+                            excluded=excluded)  # fmt: skip
+
+    def _rest_of_epoch(self) -> Iterator[Batch]:
+        """This epoch's batches from the saved position. A loader worker that dies (a decoder crash) does not end
+        the run: the file it was decoding is named and excluded, and a new loader resumes at the first batch not
+        yet trained on, which then lacks that file like any unusable one."""
+        while True:
+            self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
+            batches = iter(self.loader)
+            if self.loader.num_workers:
+                # torch's SIGCHLD handler would raise a worker's death anywhere in this process, mid-step too;
+                # without it, the loader raises it here, in `next`, from its liveness check (every 5 s).
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                yield from batches
+                return
+            except RuntimeError:
+                culprits = self.loader.dataset.files_that_killed_a_worker()
+                if not culprits:
+                    raise
+            for index in culprits:
+                logger.warning("a loader worker died decoding %s: skipping that file from now on, restarting the "
+                               "loader at batch %d of epoch %d", self.loader.dataset.source.name(index),
+                               self.position, self.epoch)  # fmt: skip
+            self.loader = self._build_loader(self.loader.dataset.excluded | frozenset(culprits))
+
     def _batches(self) -> Iterator[Batch]:
         """Batches forever, epoch after epoch, from the saved position; empty batches (all files unreadable)
         are counted and passed over."""
         while True:
             start = self.position
-            self.loader.batch_sampler.set_epoch(self.epoch, start=start)
             usable = False
-            for batch in self.loader:
+            for batch in self._rest_of_epoch():
                 self.position += 1
                 self.skipped_files += batch.skipped
                 if batch.waveforms.shape[0]:
