@@ -1,7 +1,7 @@
 """Preemption as clusters deliver it: SLURM (on preemption, `scancel`, the time limit), torchrun and `timeout` send
 SIGTERM or SIGUSR1 to the whole process group, data-loading workers included. The main process owns shutdown:
-the signal only sets a flag that the training loop reads at its next step boundary, and the workers ignore it,
-since one that died would take the step in progress, and the checkpoint after it, with it.
+the signal only sets a flag that the training loop reads at a step boundary, and the workers ignore it, since one
+that died would take the step in progress, and the checkpoint after it, with it.
 
 Imports nothing heavy, so that the CLI can catch a signal from its first instruction."""
 
@@ -14,9 +14,10 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preemption:
-    """While entered (re-entrantly), SIGTERM and SIGUSR1 only set `requested`: the loop finishes the step in
-    progress, checkpoints it and returns, and validation stops early. A second signal is logged and changes
-    nothing, so a checkpoint being written completes."""
+    """While entered (re-entrantly), SIGTERM and SIGUSR1 only set `requested`: the training loop finishes the
+    step in progress (with several ranks, the next one, whose all-reduce carries the vote), checkpoints it and
+    returns, and validation stops early. A second signal is logged and changes nothing, so a checkpoint being
+    written completes."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -32,7 +33,7 @@ class Preemption:
         if self.requested:
             logger.warning("received %s again: still finishing the last step and its checkpoint", name)
         else:
-            logger.warning("received %s: checkpointing at the end of this step, then exiting", name)
+            logger.warning("received %s: checkpointing after the step in progress, then exiting", name)
         self.signal_name = name
 
     def __enter__(self) -> "Preemption":

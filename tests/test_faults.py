@@ -144,6 +144,20 @@ def test_preemption_of_the_whole_process_group_at_every_moment_loses_nothing(tmp
     assert_equals_uninterrupted(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
+def test_preemption_during_compilation_checkpoints_the_compiled_step(tmp_path):
+    """--compile, SIGTERM to the process group while inductor compiles the first step (its compile workers are in
+    the group too): the compilation and the step finish, a checkpoint is written, exit 0. About 1-2 minutes on 2
+    CPU cores, most of it compiling."""
+    run_dir = tmp_path / "run"
+    process = launch(run_dir, "--compile")
+    time.sleep(20.0)  # imports take a few seconds, the first compiled step more than a minute
+    assert not train_records(run_dir), "the first step finished before the signal: not during compilation"
+    os.killpg(process.pid, signal.SIGTERM)
+    assert finish(process, timeout=600) == 0, run_dir.with_suffix(".log").read_text()
+    assert_checkpoint_of_the_last_finished_step(run_dir)
+
+
 def test_sigkill_mid_write_resumes_from_the_previous_checkpoint(tmp_path, uninterrupted):
     """SIGKILL to the process group halfway through a checkpoint write: the partial file is ignored, named and
     removed at restart, which resumes from the previous complete checkpoint and ends as an uninterrupted run."""

@@ -309,5 +309,3 @@ def build_loader(
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.random_seed + rank),
     )
-
-

@@ -358,7 +358,9 @@ class Trainer:
                         self.save()
                     if cfg.validate_interval and self.step % cfg.validate_interval == 0 and self.step < max_steps:
                         self.validate()
-                if stop:
+                # Ranks stop together, after the step whose all-reduce carried a vote; a single process needs no
+                # vote and stops after the step in progress.
+                if stop or (self.ctx.world_size == 1 and self.preemption.requested):
                     preempted = True
                     break
         finally:
