@@ -20,6 +20,7 @@ import soundfile
 import torch
 from test_train import tiny_cli_args
 
+from spidr_fast.data.synthetic import SyntheticCorpus
 from spidr_fast.train import checkpoint
 from spidr_fast.train.__main__ import main
 from spidr_fast.train.loop import _carry_position_over
@@ -40,10 +41,10 @@ def launch(run_dir: Path, *extra: str, harness: tuple[str, Path] | None = None, 
     (default run_dir.log); `harness`: (phase, events folder) to make that phase slow; `prefix`: a command that
     runs it."""
     entry = ["-m", "spidr_fast.train"] if harness is None else [str(HARNESS), harness[0], str(SLOW_SECONDS), str(harness[1])]
-    log = (log or run_dir.with_suffix(".log")).open("ab")
     command = [*prefix, sys.executable, *entry, *tiny_cli_args(run_dir, *RUN_FLAGS, *extra)]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    with (log or run_dir.with_suffix(".log")).open("ab") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:  # noqa: ANN001
@@ -63,9 +64,10 @@ def finish(process: subprocess.Popen, timeout: float = 180.0) -> int:
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:
-    """The last train record of every step (a step re-run after a SIGKILL is logged twice)."""
+    """The last train record of every step (a step re-run after a SIGKILL is logged twice), from the complete
+    lines of a log that may be being written."""
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
     return {r["step"]: r for r in records if r["split"] == "train"}
 
 
@@ -279,8 +281,6 @@ def test_bad_audio_files_are_skipped_named_and_counted_and_the_run_goes_on(tmp_p
     """Among good files: truncated, zero-length, header-only, NaN-filled, missing, 8 kHz and stereo files, read by
     two loader workers. Each is skipped and named, counted in the metrics, and the run trains to its end (a wrong
     rate or channel count used to stop it with an exception; a NaN file made a non-finite step)."""
-    from spidr_fast.data.synthetic import SyntheticCorpus
-
     manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
     wav = tmp_path / "corpus" / "wav"
     good = soundfile.read(wav / "utt00000.wav", dtype="float32")[0]
@@ -310,8 +310,6 @@ def test_a_loader_worker_killed_by_its_decoder_names_the_file_and_the_run_goes_o
     """A file whose decoding kills the worker (SIGSEGV, as a crashing native decoder): the run names it, skips it
     from then on and restarts the loader at the batch it was making, and trains to its end. Before, the worker's
     death was raised in the main process wherever it was, and the run exited 1."""
-    from spidr_fast.data.synthetic import SyntheticCorpus
-
     manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
     wav = tmp_path / "corpus" / "wav"
     shutil.copy(wav / "utt00000.wav", wav / "crash.wav")
