@@ -67,7 +67,7 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-class UnusableAudio(Exception):
+class UnusableAudio(ValueError):
     """A file that decodes but cannot be trained on (wrong rate or channels, too short, non-finite samples)."""
 
 
@@ -92,7 +92,7 @@ class AudioSource:
         path = self.entries[index].path
         with soundfile.SoundFile(str(path)) as audio:
             if audio.samplerate != SAMPLE_RATE or audio.channels != 1:
-                raise UnusableAudio(f"expected mono audio at {SAMPLE_RATE} Hz, "
+                raise UnusableAudio(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
                                     f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
             return audio.read(dtype="float32")
 
