@@ -10,6 +10,7 @@ decoded: the official recipe normalises over the whole utterance, and the crop's
 """
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from spidr_fast.data.manifest import read_manifest
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
 from spidr_fast.data.synthetic import SAMPLE_RATE, SyntheticCorpus
+from spidr_fast.preemption import leave_shutdown_to_the_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,18 @@ class DataConfig:
             )
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class UnusableAudio(ValueError):
+    """A file that decodes but cannot be trained on (wrong rate or channels, too short, non-finite samples)."""
+
+
 class AudioSource:
     """The utterances of a manifest, decoded with soundfile; only 16 kHz mono is accepted."""
 
@@ -85,8 +99,8 @@ class AudioSource:
         path = self.entries[index].path
         with soundfile.SoundFile(str(path)) as audio:
             if audio.samplerate != SAMPLE_RATE or audio.channels != 1:
-                raise ValueError(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
-                                 f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
+                raise UnusableAudio(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
+                                    f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
             if start:
                 audio.seek(start)
             return audio.read(frames=num_samples, dtype="float32", out=out)
@@ -168,52 +182,71 @@ def _batch_buffer(rows: int, samples: int) -> Tensor:
 
 class SpeechDataset(Dataset):
     """Decodes the `Clip`s that `BucketBatchSampler` plans, a batch at a time (the DataLoader calls
-    `__getitems__`), each straight into its row of the batch; an unreadable file is skipped and logged."""
+    `__getitems__`), each straight into its row of the batch. A file that cannot be trained on (missing,
+    undecodable, shorter than the manifest says or header only, non-finite, not 16 kHz mono) is dropped from its
+    batch with a warning that names it, so that one bad file among millions costs a sample, not the run. So is a
+    file in `excluded`: one whose decoding killed a loader worker before.
 
-    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool) -> None:
+    With `workers`, each worker announces in shared memory the file it is decoding, so that when one dies (a
+    decoder crash) the main process can name the file and exclude it (`files_that_killed_a_worker`)."""
+
+    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool, workers: int = 0,
+                 excluded: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.source = source
         self.normalize = normalize
+        self.excluded = excluded
+        self.decoding = torch.full((workers, 2), -1, dtype=torch.int64).share_memory_()  # (pid, index) per worker
+
+    def files_that_killed_a_worker(self) -> list[int]:
+        """The indices that workers which no longer exist were decoding when they died."""
+        return [index for pid, index in self.decoding.tolist() if index >= 0 and not _process_exists(pid)]
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, clip: Clip) -> Tensor | None:
-        """One clip's samples, or None when its file is unreadable."""
+        """One clip's samples, or None when its file cannot be trained on."""
         decoded = self.__getitems__([clip])
         return None if decoded.skipped else decoded.waveforms[0]
 
     def __getitems__(self, clips: list[Clip]) -> DecodedClips:
         waveforms = _batch_buffer(len(clips), max(clip.num_samples for clip in clips))
-        kept = [i for i, (clip, row) in enumerate(zip(clips, waveforms, strict=True)) if self._decode_into(clip, row)]
+        worker = get_worker_info()
+        kept = []
+        for i, (clip, row) in enumerate(zip(clips, waveforms, strict=True)):
+            if worker is not None:
+                self.decoding[worker.id] = torch.tensor([os.getpid(), clip.index])
+            try:
+                self._decode_into(clip, row)
+                kept.append(i)
+            except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
+                logger.warning("skipping unusable audio %s: %s", self.source.name(clip.index), error)
+            finally:
+                if worker is not None:
+                    self.decoding[worker.id, 1] = -1
         lengths = [clips[i].num_samples for i in kept]
         if len(kept) < len(clips):  # rare: drop the rows of the files that failed
             waveforms = waveforms[kept, : max(lengths, default=0)]
         return DecodedClips(waveforms, lengths, len(clips) - len(kept), clips[0].batch_rng_state)
 
-    def _decode_into(self, clip: Clip, row: Tensor) -> bool:
-        """The clip's samples into row[:num_samples], zeros after them; False (logged) when its file is unreadable
-        or ends before the crop does."""
-        try:
-            if self.normalize:  # over the whole utterance, as the official recipe does, then the crop
-                waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(clip.index)))
-                waveform = F.layer_norm(waveform, waveform.shape)[clip.start : clip.start + clip.num_samples]
-                row[: len(waveform)] = waveform
-                decoded = len(waveform)
-            else:
-                out = row[: clip.num_samples].numpy()
-                decoded = len(self.source.load(clip.index, clip.start, clip.num_samples, out))
-        except ValueError:
-            raise  # a wrong format is a configuration error, not a corrupt file
-        except Exception as error:  # noqa: BLE001 - any decoding failure: skip the file, keep training
-            logger.warning("skipping unreadable audio %s: %s", self.source.name(clip.index), error)
-            return False
-        if decoded < clip.num_samples:
-            logger.warning("skipping %s: the manifest says %d samples, the file ends before sample %d",
-                           self.source.name(clip.index), self.source.num_samples(clip.index),
-                           clip.start + clip.num_samples)  # fmt: skip
-            return False
+    def _decode_into(self, clip: Clip, row: Tensor) -> None:
+        """The clip's samples into row[:num_samples], zeros after them; UnusableAudio when they cannot be."""
+        if clip.index in self.excluded:
+            raise UnusableAudio("its decoding killed a loader worker")
+        if self.normalize:  # over the whole utterance, as the official recipe does, then the crop
+            waveform = torch.from_numpy(np.ascontiguousarray(self.source.load(clip.index)))
+            waveform = F.layer_norm(waveform, waveform.shape)[clip.start : clip.start + clip.num_samples]
+            row[: len(waveform)] = waveform
+            decoded = len(waveform)
+        else:
+            out = row[: clip.num_samples].numpy()
+            decoded = len(self.source.load(clip.index, clip.start, clip.num_samples, out))
+        if decoded < clip.num_samples:  # truncated or header only
+            raise UnusableAudio(f"the manifest says {self.source.num_samples(clip.index)} samples, the file ends "
+                                f"before sample {clip.start + clip.num_samples}")  # fmt: skip
+        if not bool(row[: clip.num_samples].isfinite().all()):
+            raise UnusableAudio("non-finite samples")
         row[clip.num_samples :] = 0
-        return True
 
 
 class BucketBatchSampler(Sampler[list[Clip]]):
@@ -325,22 +358,24 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     source: AudioSource | SyntheticSource | None = None,
+    excluded: frozenset[int] = frozenset(),
 ) -> DataLoader:
-    """Batches of `source` (default: the one `cfg` names) on this rank, with `cfg`'s loader settings."""
+    """Batches of `source` (default: the one `cfg` names) on this rank, with `cfg`'s loader settings; `excluded`:
+    indices of files skipped without being read (see `SpeechDataset`)."""
     source = source or build_source(cfg)
     sampler = BucketBatchSampler([source.num_samples(i) for i in range(len(source))], cfg, rank=rank,
                                  world_size=world_size)  # fmt: skip
     workers = cfg.num_workers
     return DataLoader(
-        SpeechDataset(source, normalize=cfg.normalize),
+        SpeechDataset(source, normalize=cfg.normalize, workers=workers, excluded=excluded),
         batch_sampler=sampler,
         collate_fn=Collator(masking, frames_of),
         num_workers=workers,
         pin_memory=pin_memory and cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         persistent_workers=cfg.persistent_workers and workers > 0,
+        worker_init_fn=leave_shutdown_to_the_main_process,
         # Its own generator: starting an epoch must not draw from the global RNG that dropout uses, or a
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.random_seed + rank),
     )
-

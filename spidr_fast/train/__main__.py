@@ -8,14 +8,22 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from spidr_fast.train import config as config_module
-from spidr_fast.train import distributed
-from spidr_fast.train.checkpoint import export_state_dict
-from spidr_fast.train.loop import NonFiniteError, Trainer
+from spidr_fast.preemption import Preemption
+
+if __name__ == "__main__":  # before the imports below, which take seconds: a signal during start-up is not lost
+    STARTUP_PREEMPTION = Preemption().__enter__()
+
+from spidr_fast.train import checkpoint  # noqa: E402
+from spidr_fast.train import config as config_module  # noqa: E402
+from spidr_fast.train import distributed  # noqa: E402
+from spidr_fast.train.checkpoint import CheckpointWriteError, export_state_dict  # noqa: E402
+from spidr_fast.train.loop import NonFiniteError, Trainer  # noqa: E402
 
 # flag → (section, field)
 FIELD_FLAGS = {
@@ -105,7 +113,13 @@ def print_summary(summary: dict[str, Any], export: Path | None) -> None:
     print("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, preemption: Preemption | None = None) -> int:
+    """`preemption`: the signal handling entered at start-up, if any; kept until the last checkpoint is written."""
+    with preemption or Preemption() as active:
+        return _main(argv, active)
+
+
+def _main(argv: list[str] | None, preemption: Preemption) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -114,26 +128,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     run_dir = (args.run_dir or cfg.run.dir).resolve()
-    ctx = distributed.setup(args.device)
+    ctx = distributed.setup(args.device, cfg.run.collective_timeout)
     try:
         trainer = Trainer(cfg, run_dir, ctx, compile_backend="inductor" if args.compile or cfg.run.compile else None, profile=args.profile,
-                          progress=not args.no_progress)  # fmt: skip
+                          progress=not args.no_progress, preemption=preemption)  # fmt: skip
         if ctx.is_main:  # after the Trainer: a folder holding another model's run keeps its config.json
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         summary = trainer.fit()
         export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
         if ctx.is_main:
             print_summary(summary, export)
-    except NonFiniteError as error:
+    except (NonFiniteError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if ctx.world_size == 1:
+            raise
+        # A dead or stuck peer surfaces as an error in whichever collective comes next (gloo at once, NCCL after
+        # run.collective_timeout): leave at once, with every rank's state on disk as of the latest checkpoint.
+        traceback.print_exc()
+        latest = checkpoint.checkpoints(run_dir / "checkpoints")
+        print(f"error: rank {ctx.rank} of {ctx.world_size} stopped ({str(error).splitlines()[0]}); when a rank "
+              "dies, the others stop in their next collective. Restart every rank to resume from "
+              f"{latest[-1] if latest else 'the start (no checkpoint yet)'}", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)  # destroying a process group whose peer is gone can block
     finally:
         distributed.teardown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(preemption=STARTUP_PREEMPTION))

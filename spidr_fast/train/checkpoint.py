@@ -1,11 +1,14 @@
 """Checkpoints that are never lost: written to a temporary file, flushed, then renamed over the target, so a
-failed or killed write leaves the previous checkpoint intact; the latest N are kept."""
+failed or killed write leaves the previous checkpoint intact; the latest N are kept. A write that cannot fit or
+fails is an error naming the folder and the space it needs; a partial file left by a killed write is named and
+removed at the next start."""
 
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_PARTIAL = ".step_*.pt.tmp"  # what atomic_save leaves behind when the process is killed mid-write
+_MB = 2**20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, read-only folder, ...); the previous one is intact."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -23,8 +32,24 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself survives a power loss only once its folder is synced
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -34,9 +59,22 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_latest: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Raises CheckpointWriteError, naming the folder and the space needed, before writing when the disk cannot
+    hold the checkpoint, or when the write fails."""
     path = folder / f"step_{step:08d}.pt"
-    atomic_save(state, path)
+    needed = _tensor_bytes(state) + _MB  # the pickled structure around the tensors is small
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OSError(f"not enough space: {free / _MB:.1f} MB free")
+        atomic_save(state, path)
+    except OSError as error:
+        previous = checkpoints(folder) if folder.is_dir() else []
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path.name} to {folder} ({error}); it needs about {needed / _MB:.1f} MB. "
+            f"The previous checkpoint {'is intact: ' + str(previous[-1]) if previous else 'does not exist'}"
+        ) from error
     if keep_latest > 0:
         for old in checkpoints(folder)[:-keep_latest]:
             old.unlink(missing_ok=True)
@@ -44,7 +82,11 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_latest:
 
 
 def load_latest(folder: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; a corrupt one is reported and the one before it is used."""
+    """The newest checkpoint that loads; a corrupt one is reported and the one before it is used, and a partial
+    write left by a killed process is named and removed."""
+    for partial in folder.glob(_PARTIAL):
+        logger.warning("removing %s, a checkpoint write that did not complete", partial)
+        partial.unlink(missing_ok=True)
     for path in reversed(checkpoints(folder)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)

@@ -35,6 +35,7 @@ class RunConfig:
     # spidr_fast
     accumulate: int = 1  # micro-batches per optimizer step
     max_nonfinite_steps: int = 10  # skipped steps in a row before the run stops
+    collective_timeout: int = 600  # seconds a rank waits in a collective for a dead or stuck peer
     validate_interval: int = 0  # steps; 0 validates only at the end
     loggers: list[str] = field(default_factory=list)  # "wandb" and/or "tensorboard", when installed
 
@@ -47,6 +48,7 @@ class RunConfig:
         _check_positive("run.log_interval", self.log_interval)
         _check_positive("run.save_interval", self.save_interval)
         _check_positive("run.max_nonfinite_steps", self.max_nonfinite_steps)
+        _check_positive("run.collective_timeout", self.collective_timeout)
 
     @property
     def dir(self) -> Path:

@@ -3,6 +3,7 @@
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,8 @@ def _first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
-def setup(device: str | None = None) -> Context:
+def setup(device: str | None = None, timeout_s: int = 600) -> Context:
+    """`timeout_s`: how long a collective waits for a peer before it fails instead of hanging."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
         rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -46,7 +48,7 @@ def setup(device: str | None = None) -> Context:
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=torch_device if torch_device.type == "cuda" else None)  # fmt: skip
     return Context(rank, world_size, local_rank, torch_device)
 

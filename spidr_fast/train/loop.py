@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from spidr_fast.data.loading import Batch, build_loader
 from spidr_fast.models import build_model
 from spidr_fast.models.components import num_frames
+from spidr_fast.preemption import Preemption
 from spidr_fast.train import checkpoint
 from spidr_fast.train.config import TrainConfig
 from spidr_fast.train.distributed import Context
@@ -35,7 +37,6 @@ from spidr_fast.train.validation import validate
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteError(RuntimeError):
@@ -99,9 +100,11 @@ def compile_encoders(model: torch.nn.Module, backend: str = "inductor") -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_backend: str | None = None,
-                 profile: bool = False, progress: bool = True) -> None:  # fmt: skip
-        """`compile_backend`: None runs eagerly; "inductor" is torch.compile's default."""
+                 profile: bool = False, progress: bool = True, preemption: Preemption | None = None) -> None:  # fmt: skip
+        """`compile_backend`: None runs eagerly; "inductor" is torch.compile's default. `preemption`: the signal
+        handling already entered by the caller (the CLI, from start-up); without it, `fit` enters its own."""
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        self.preemption = preemption or Preemption()
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.compile_backend, self.profile, self.progress = compile_backend, profile, progress
@@ -114,14 +117,14 @@ class Trainer:
         self.model = build_model(cfg=cfg.model, model_type=cfg.run.model_type, checkpoint=cfg.run.init_ckpt)
         self.model.to(self.device).train()
         self.model.defer_codebook_updates = True
-        self.loader = build_loader(cfg.data, cfg.masking, partial(num_frames, cfg.model), rank=ctx.rank,
-                                   world_size=ctx.world_size, pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.loader = self._build_loader(frozenset())
         self.step, self.epoch, self.position, self.nonfinite_in_a_row, self.skipped_files = 0, 0, 0, 0, 0
         state = checkpoint.load_latest(self.checkpoint_dir)
         if state is not None:
             _check_same_model(state.get("config", {}), dataclasses.asdict(cfg), self.checkpoint_dir)
             self.model.load_state_dict(state["model"])
             self.step = state["step"]
+            _carry_position_over(state, ctx.world_size)
             if self.step >= cfg.model.freeze_step:
                 self.model.freeze_extractor()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optimizer, self.device)
@@ -130,7 +133,6 @@ class Trainer:
             self._restore(state)
         self._wrap()
         self.log = MetricsLog(cfg, run_dir, enabled=ctx.is_main)
-        self._stop_requested = False
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -164,6 +166,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_files": self.skipped_files,
+            "world_size": self.ctx.world_size,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": dataclasses.asdict(self.cfg),
@@ -186,19 +189,49 @@ class Trainer:
 
     # --- data ------------------------------------------------------------------------------------------------------
 
+    def _build_loader(self, excluded: frozenset[int]) -> DataLoader:
+        return build_loader(self.cfg.data, self.cfg.masking, partial(num_frames, self.cfg.model), rank=self.ctx.rank,
+                            world_size=self.ctx.world_size, pin_memory=self.device.type == "cuda",
+                            excluded=excluded)  # fmt: skip
+
+    def _rest_of_epoch(self) -> Iterator[Batch]:
+        """This epoch's batches from the saved position. A loader worker that dies (a decoder crash) does not end
+        the run: the file it was decoding is named and excluded, and a new loader resumes at the first batch not
+        yet trained on, which then lacks that file like any unusable one."""
+        while True:
+            self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
+            batches = iter(self.loader)
+            if self.loader.num_workers:
+                # torch's SIGCHLD handler would raise a worker's death anywhere in this process, mid-step too;
+                # without it, the loader raises it here, in `next`, from its liveness check (every 5 s).
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                yield from batches
+                return
+            except RuntimeError:
+                culprits = self.loader.dataset.files_that_killed_a_worker()
+                if not culprits:
+                    raise
+            for index in culprits:
+                logger.warning("a loader worker died decoding %s: skipping that file from now on, restarting the "
+                               "loader at batch %d of epoch %d", self.loader.dataset.source.name(index),
+                               self.position, self.epoch)  # fmt: skip
+            self.loader = self._build_loader(self.loader.dataset.excluded | frozenset(culprits))
+
     def _batches(self) -> Iterator[Batch]:
         """Batches forever, epoch after epoch, from the saved position; empty batches (all files unreadable)
         are counted and passed over."""
         while True:
-            self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
+            start = self.position
             usable = False
-            for batch in self.loader:
+            for batch in self._rest_of_epoch():
                 self.position += 1
                 self.skipped_files += batch.skipped
                 if batch.waveforms.shape[0]:
                     usable = True
                     yield batch
-            if not usable:  # otherwise an unreadable corpus would loop over empty epochs forever
+            # A whole epoch without audio would loop forever; a run resumed at an epoch's end has none left in it.
+            if not usable and start == 0:
                 raise ValueError(f"no readable audio in a whole epoch of data.manifest {self.cfg.data.manifest!r} "
                                  f"({self.skipped_files} unreadable files skipped)")  # fmt: skip
             self.epoch, self.position = self.epoch + 1, 0
@@ -280,16 +313,15 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------------------------------
 
-    def _request_stop(self, signum: int, _frame: object) -> None:
-        logger.warning("received %s: checkpointing and exiting", signal.Signals(signum).name)
-        self._stop_requested = True
-
     def fit(self) -> dict[str, Any]:
+        with self.preemption:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg = self.cfg.run
         max_steps = self.cfg.optimizer.max_steps
-        previous = {s: signal.signal(s, self._request_stop) for s in PREEMPTION_SIGNALS}
         batches = self._batches()
         interval: dict[str, Tensor] = {}
         interval_start, last_logged, preempted = time.perf_counter(), {}, False
@@ -300,7 +332,7 @@ class Trainer:
             while self.step < max_steps:
                 with _nvtx("data"):
                     micro_batches = [next(batches) for _ in range(cfg.accumulate)]
-                totals, applied, stop = self.train_step(micro_batches, float(self._stop_requested))
+                totals, applied, stop = self.train_step(micro_batches, float(self.preemption.requested))
                 if profiler is not None:
                     profiler.step()
                 if not applied:
@@ -326,13 +358,13 @@ class Trainer:
                         self.save()
                     if cfg.validate_interval and self.step % cfg.validate_interval == 0 and self.step < max_steps:
                         self.validate()
-                if stop:
+                # Ranks stop together, after the step whose all-reduce carried a vote; a single process needs no
+                # vote and stops after the step in progress.
+                if stop or (self.ctx.world_size == 1 and self.preemption.requested):
                     preempted = True
                     break
         finally:
             bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if profiler is not None:
                 profiler.stop()
         last_checkpoint = self.save()
@@ -357,13 +389,19 @@ class Trainer:
         return record
 
     def validate(self) -> dict[str, Any]:
-        """On the main rank only: validation forwards need no collective."""
+        """On the main rank only: validation forwards need no collective. A preemption signal stops it at the
+        next batch or file, unlogged, so that the checkpoint comes within the scheduler's grace period."""
         if not self.ctx.is_main:
             return {}
         results = {}
         for name, data_cfg in self.cfg.validation.items():
-            results[name] = validate(self.model, data_cfg, self.cfg.masking, self.device, self.dtype)
-            self.log.write({"split": f"valid/{name}", "step": self.step, **_flatten(results[name])})
+            result = validate(self.model, data_cfg, self.cfg.masking, self.device, self.dtype,
+                              should_stop=lambda: self.preemption.requested)
+            if result is None:
+                logger.warning("validation [%s] interrupted by %s", name, self.preemption.signal_name)
+                break
+            results[name] = result
+            self.log.write({"split": f"valid/{name}", "step": self.step, **_flatten(result)})
         self.model.train()
         return results
 
@@ -390,6 +428,19 @@ def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, int | float) and math.isfinite(value):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _carry_position_over(state: dict[str, Any], world_size: int) -> None:
+    """Resuming on another number of ranks: weights, optimizer and schedule carry over, and the epoch continues
+    after the batches already trained on (each rank's position counts its own shard's batches, so the global
+    count is kept, rounded down: a few batches may be seen twice, none skipped)."""
+    saved = state.get("world_size", world_size)
+    if saved != world_size:
+        position = state["position"] * saved // world_size
+        logger.warning("resuming a run of %d ranks on %d: epoch %d continues at batch %d of each rank's shard "
+                       "(the global batch size changes with the number of ranks)", saved, world_size,
+                       state["epoch"], position)  # fmt: skip
+        state["position"] = position
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:

@@ -1,6 +1,7 @@
 """Validation: loss and perplexities on masked batches, and the unit quality of every head's units against
 frame labels (the synthetic corpus's own, or an alignments JSONL of {"fileid", "phones": [one per 10 ms]})."""
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -33,12 +34,15 @@ def frame_labels(source: AudioSource | SyntheticSource, cfg: DataConfig) -> tupl
 
 
 @torch.no_grad()
-def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: torch.device,
-             dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
+def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: torch.device, dtype: torch.dtype,
+             should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:  # fmt: skip
+    """The results, or None when `should_stop()` became true before the end (checked at every batch and file)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
     loss_sum, frames, target_ppl, pred_ppl, batches = 0.0, 0, 0.0, 0.0, 0
     for batch in build_loader(cfg, masking, partial(num_frames, model.cfg)):
+        if should_stop():
+            return None
         if not batch.waveforms.shape[0]:
             continue
         batch = batch.to(device)
@@ -56,6 +60,8 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
         units: dict[str, list[np.ndarray]] = {}  # "heads/layer_i" and "codebooks/layer_i" → units per file
         first_head = len(model.student.layers) - model.num_codebooks
         for i in range(len(source)):
+            if should_stop():
+                return None
             waveform = torch.from_numpy(np.ascontiguousarray(source.load(i))).to(device)
             if cfg.normalize:
                 waveform = F.layer_norm(waveform, waveform.shape)
