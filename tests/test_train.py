@@ -1,5 +1,6 @@
 """The training loop on CPU: CLI end to end, resume, accumulation, DDP, faults, config, schedules, compile."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -64,6 +65,21 @@ def test_cli_trains_on_the_synthetic_corpus_and_exports_for_the_official_package
         "step_00000002.pt", "step_00000004.pt"]  # fmt: skip
     loaded = official.build_model(model_type="spidr", checkpoint=tmp_path / "run" / "export" / "model.pt")
     assert loaded.codebooks[0].codebook.shape == (TINY["codebook_size"], TINY["encoder_embed_dim"])
+
+
+def test_summary_puts_the_units_beside_the_mfcc_kmeans_baseline_and_plots_the_run(tmp_path, capsys):
+    assert main(tiny_cli_args(tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    for line_start in ("student's head units:", "teacher's codebook units:", "k-means on MFCC:"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(line_start))
+        assert all(name in line for name in ("PNMI", "phone purity", "cluster purity", "unit perplexity", "active"))
+    assert "the model's best units are" in out and "the baseline's PNMI" in out
+    validation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    size = TINY["codebook_size"]
+    assert 0 <= validation["baseline/pnmi"] <= 1 and 1 <= validation["baseline/active_units"] <= size
+    assert 0 <= validation["heads/phone_purity"] <= 1 and 0 <= validation["codebooks/cluster_purity"] <= 1
+    plotted = (tmp_path / "run" / "metrics.png").is_file()
+    assert plotted == ("metrics plot:" in out) == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_cli_names_a_bad_config_field(tmp_path, capsys):

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from spidr_fast.metrics import describe
+from spidr_fast.plots import plot_training
 from spidr_fast.train import config as config_module
 from spidr_fast.train import distributed
 from spidr_fast.train.checkpoint import export_state_dict
@@ -79,7 +81,7 @@ def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
     return config_module.config_from_dict(config_module.merge(raw, overrides))
 
 
-def print_summary(summary: dict[str, Any], export: Path | None) -> None:
+def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | None) -> None:
     train = summary.get("train") or {}
     lines = [f"run folder: {summary['run_dir']}", f"steps: {summary['step']}"]
     if summary["preempted"]:
@@ -97,11 +99,16 @@ def print_summary(summary: dict[str, Any], export: Path | None) -> None:
         line = f"validation [{name}]: loss {result['loss']:.4f}"
         for kind, what in (("heads", "student's head units"), ("codebooks", "teacher's codebook units")):
             if kind in result:
-                best = result[kind]
-                line += (f"\n  {what}: PNMI {best['pnmi']:.3f}, unit perplexity {best['unit_perplexity']:.1f} "
-                         f"(best: {best['best_layer']})")  # fmt: skip
+                line += f"\n  {what + ':':26} {describe(result[kind])}, best: {result[kind]['best_layer']}"
+        if "baseline" in result:
+            line += f"\n  {'k-means on MFCC:':26} {describe(result['baseline'])}, as many units"
+            best_pnmi = max(result[kind]["pnmi"] for kind in ("heads", "codebooks"))
+            verdict = "above" if best_pnmi > result["baseline"]["pnmi"] else "not yet above"
+            line += f"\n  the model's best units are {verdict} the baseline's PNMI"
         lines.append(line)
     lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")
+    if plot:
+        lines.append(f"metrics plot: {plot}")
     print("\n".join(lines))
 
 
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.fit()
         export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
         if ctx.is_main:
-            print_summary(summary, export)
+            plot = run_dir / "metrics.png"
+            print_summary(summary, export, plot if plot_training(run_dir / "metrics.jsonl", plot) else None)
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
