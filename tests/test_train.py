@@ -13,7 +13,8 @@ from conftest import TINY
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.train import checkpoint
 from spidr_fast.train import config as config_module
-from spidr_fast.train.__main__ import main
+from spidr_fast.models.config import DinoSRConfig, SpidRConfig
+from spidr_fast.train.__main__ import build_config, main, parse_args
 from spidr_fast.train.distributed import Context, _first_host
 from spidr_fast.train.loop import NonFiniteError, Trainer
 from spidr_fast.train.optim import lr_factor
@@ -95,6 +96,16 @@ def test_cli_names_a_bad_config_field(tmp_path, capsys):
     assert "manifest not found" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--set", "model.encoder_num_layers=2"]) == 2  # 4 codebooks by default
     assert "model.num_codebooks (4) must be between 1 and model.encoder_num_layers (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--model", "dinosr"], ["--set", "run.model_type='dinosr'"], []])
+def test_default_run_takes_each_models_own_teacher_schedule(flags):
+    cfg = build_config(parse_args(flags))
+    if flags:
+        assert isinstance(cfg.model, DinoSRConfig) and not isinstance(cfg.model, SpidRConfig)
+        assert cfg.model.ema_final_step == 300 and cfg.optimizer.max_steps == 300
+    else:
+        assert isinstance(cfg.model, SpidRConfig) and cfg.model.ema_timescale == 200
 
 
 def test_official_config_file_is_read_as_it_is(tmp_path):

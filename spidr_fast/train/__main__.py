@@ -68,9 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
-    raw: dict[str, Any] = (
-        config_module.read_config_file(args.config) if args.config else config_module.SYNTHETIC_DEFAULTS
-    )
     overrides: dict[str, Any] = {}
     for flag, (section, name) in FIELD_FLAGS.items():
         value = getattr(args, flag)
@@ -78,6 +75,10 @@ def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
             overrides = config_module.merge(overrides, {section: {name: value}})
     for assignment in args.set:
         overrides = config_module.merge(overrides, config_module.parse_override(assignment))
+    if args.config:
+        raw = config_module.read_config_file(args.config)
+    else:
+        raw = config_module.synthetic_defaults(overrides.get("run", {}).get("model_type", "spidr"))
     return config_module.config_from_dict(config_module.merge(raw, overrides))
 
 
