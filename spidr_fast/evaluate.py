@@ -4,11 +4,13 @@
 Per layer: the unit quality of the head units against 10 ms phone labels (PNMI, phone and cluster purity, unit
 perplexity, active units, bitrate), and ABX error rates within and across speakers on the continuous features and
 on the units (as one-hot vectors), from an item file or one generated from the alignments, by the built-in ABX or
-fastabx (Python >= 3.12) on the same items. Writes results.json (which ABX scored, and how many items each score
-rests on), the item file used, and metrics.png when matplotlib is installed.
+fastabx (Python >= 3.12) on the same items; each rate with the number of cells it averages, flagged when too few.
+Beside them, the unit quality of k-means on MFCCs with as many units, on the same utterances. Writes results.json
+(which ABX scored, how many items and cells each score rests on, the baseline), the item file used, and
+metrics.png when matplotlib is installed.
 
 With no arguments: the latest checkpoint of the default training run (runs/spidr_fast/synthetic) on the synthetic
-validation utterances of its config, with their own labels.
+validation utterances of its config extended to 256, with their own labels.
 """
 
 import argparse
