@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ def pyplot() -> Any:
 
 
 def plot_training(metrics_log: Path, path: Path) -> bool:
-    """Loss, codebook and prediction perplexity, and validation PNMI (the model's best layers and the k-means
-    baseline of every validation set) against steps, from a run's metrics.jsonl; False when not drawn."""
+    """Loss (beside ln of the target perplexity, the loss of predicting only the targets' frequencies), codebook
+    and prediction perplexity, and validation PNMI (the model's best layers and the k-means baseline of every
+    validation set) against steps, from a run's metrics.jsonl; False when not drawn."""
     plt = pyplot()
     if plt is None:
         return False
@@ -47,6 +49,11 @@ def plot_training(metrics_log: Path, path: Path) -> bool:
                     label = LEGEND.get(key, key) + (f" [{name.split('/', 1)[1]}]" if len(splits) > 1 else "")
                     ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=label,
                             linestyle="--" if key.startswith("baseline") else "-")  # fmt: skip
+        if keys == ("loss",):  # the loss of a student that ignores its input and predicts the targets' frequencies
+            marginal = [(r["step"], math.log(r["target_ppl"])) for r in records if r["split"] == "train"]
+            if marginal:
+                ax.plot(*zip(*marginal, strict=True), linestyle="--", label="ln(target perplexity): no learning")
+                ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("step")
         if split == "valid" and ax.has_data():
