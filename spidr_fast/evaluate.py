@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from spidr_fast import abx
+from spidr_fast.baseline import mfcc_kmeans_quality
 from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_source
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, SAMPLE_RATE
 from spidr_fast.extract import default_device, fileids, head_layers, iterate_outputs, load_model, parse_layers
-from spidr_fast.baseline import mfcc_kmeans_quality
 from spidr_fast.metrics import MAX_LENGTH_MISMATCH, bitrate, describe, joint_counts, unit_quality
 from spidr_fast.models import DinoSR
 from spidr_fast.models.components import frame_hop
