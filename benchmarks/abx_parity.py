@@ -14,48 +14,13 @@ loops over frame pairs in Python: about 5 s for 240 items on one CPU thread, gro
 """
 
 import argparse
-import math
 import time
 
 import torch
 
 from spidr_fast import abx
+from spidr_fast.baseline import kmeans_units, log_mel, mfcc
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, SAMPLE_RATE, SyntheticCorpus
-
-
-def mel_filterbank(num_bands: int, n_fft: int) -> torch.Tensor:
-    """(num_bands, n_fft // 2 + 1) triangular filters evenly spaced on the HTK mel scale up to Nyquist."""
-    mel = torch.linspace(0, 2595 * math.log10(1 + SAMPLE_RATE / 2 / 700), num_bands + 2)
-    edges = 700 * (10 ** (mel / 2595) - 1)
-    bins = torch.linspace(0, SAMPLE_RATE / 2, n_fft // 2 + 1)
-    rising = (bins[None] - edges[:-2, None]) / (edges[1:-1, None] - edges[:-2, None])
-    falling = (edges[2:, None] - bins[None]) / (edges[2:, None] - edges[1:-1, None])
-    return rising.minimum(falling).clamp(min=0)
-
-
-def log_mel(waveform: torch.Tensor, hop: int, num_bands: int = 40, n_fft: int = 400) -> torch.Tensor:
-    """(frames, num_bands) log mel energies, one frame every `hop` samples."""
-    spectrum = torch.stft(waveform, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs() ** 2
-    return (mel_filterbank(num_bands, n_fft) @ spectrum + 1e-6).log().T
-
-
-def mfcc(waveform: torch.Tensor, hop: int, num_coefficients: int = 13) -> torch.Tensor:
-    bands = log_mel(waveform, hop)
-    n = torch.arange(bands.shape[1])
-    dct = torch.cos(math.pi / bands.shape[1] * (n[None] + 0.5) * torch.arange(num_coefficients)[:, None])
-    return bands @ dct.T
-
-
-def kmeans_units(frames: torch.Tensor, num_units: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:
-    """Unit of every frame from Lloyd's k-means started on random frames."""
-    g = torch.Generator().manual_seed(seed)
-    centroids = frames[torch.randperm(len(frames), generator=g)[:num_units]].clone()
-    for _ in range(iterations):
-        units = torch.cdist(frames, centroids).argmin(1)
-        for k in range(num_units):
-            if (units == k).any():
-                centroids[k] = frames[units == k].mean(0)
-    return torch.cdist(frames, centroids).argmin(1)
 
 
 def corpus_features(utterances: int, num_units: int) -> tuple[dict[str, tuple[float, dict]], list[abx.Item]]:

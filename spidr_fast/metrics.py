@@ -48,3 +48,10 @@ def bitrate(counts: np.ndarray, units_per_second: float) -> float:
     (bits) of the unit distribution."""
     units = counts.sum(0)
     return units_per_second * _entropy(units / units.sum()) + 0.0  # + 0.0: no "-0.0" for a single unit
+
+
+def describe(quality: dict[str, float]) -> str:
+    """One line of the `unit_quality` scores that the summaries print."""
+    return (f"PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, cluster purity "
+            f"{quality['cluster_purity']:.3f}, unit perplexity {quality['unit_perplexity']:.1f} "
+            f"({quality['active_units']} active)")  # fmt: skip

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_train import tiny_config
 
-from spidr_fast import abx
+from spidr_fast import abx, evaluate
 from spidr_fast.data.synthetic import SyntheticCorpus
-from spidr_fast.evaluate import abx_implementation, main
+from spidr_fast.evaluate import MIN_ABX_CELLS, abx_implementation, format_rate, main
 from spidr_fast.metrics import bitrate, joint_counts, unit_quality
 from spidr_fast.models import build_model
 
@@ -246,13 +246,13 @@ def run(tmp_path_factory):
     return root, checkpoint, manifest
 
 
-def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys):
+def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys, caplog):
     root, checkpoint, manifest = run
     assert main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments",
                  str(manifest.parent / "alignments.jsonl"), "--layers", "0,3", "--context", "any",
                  "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "matplotlib is not installed" in out or (tmp_path / "metrics.png").is_file()
+    assert "matplotlib is not installed" in caplog.text or (tmp_path / "metrics.png").is_file()
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["abx"] == abx_implementation("auto") and abx.read_items(tmp_path / "items.item")
     counts = report["abx_items"]
@@ -265,6 +265,16 @@ def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys):
     assert head["bitrate"] == pytest.approx(50 * math.log2(head["unit_perplexity"]), abs=1e-9)
     for name in ("abx_within", "abx_across", "abx_units_within", "abx_units_across"):
         assert 0 <= head[name] <= 100
+    assert report["abx_min_cells"] == MIN_ABX_CELLS and set(report["abx_cells"]) == {"within", "across"}
+    assert f"abx_within {format_rate(head['abx_within'], report['abx_cells']['within'])}" in out
+    assert 0 <= report["baseline"]["pnmi"] <= 1 and 1 <= report["baseline"]["active_units"] <= 17
+    assert f"k-means on MFCC, 17 units: PNMI {report['baseline']['pnmi']:.3f}" in out
+
+
+def test_abx_rates_name_their_cells_and_flag_too_few():
+    assert format_rate(14.2857, 3) == f"14.286 (3 cells: too few to trust, under {MIN_ABX_CELLS})"
+    assert format_rate(2.5, MIN_ABX_CELLS) == f"2.500 ({MIN_ABX_CELLS} cells)"
+    assert format_rate(None, 0) == "none (no cell)"
 
 
 def test_cli_errors_name_the_problem(run, tmp_path):
@@ -312,8 +322,10 @@ def test_fastabx_asked_for_but_missing_is_a_clear_error(run, monkeypatch):
 def test_cli_without_arguments_evaluates_the_default_run(run, monkeypatch):
     root, checkpoint, _ = run
     monkeypatch.chdir(root)
+    monkeypatch.setattr(evaluate, "SYNTHETIC_UTTERANCES", 5)  # the validation set's 3, extended
     assert main([]) == 0
     report = json.loads((checkpoint.parent / "eval_step_00000004" / "results.json").read_text())
     assert report["checkpoint"] == str(checkpoint.relative_to(root))
     assert set(report["layers"]) == {f"layer_{i}" for i in range(4)}
     assert 0 <= report["layers"]["layer_1"]["pnmi"] <= 1
+    assert len({item.fileid for item in abx.read_items(report["items"])}) == 5

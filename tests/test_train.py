@@ -1,5 +1,6 @@
 """The training loop on CPU: CLI end to end, resume, accumulation, DDP, faults, config, schedules, compile."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ from conftest import TINY
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.train import checkpoint
 from spidr_fast.train import config as config_module
-from spidr_fast.train.__main__ import main
+from spidr_fast.models.config import DinoSRConfig, SpidRConfig
+from spidr_fast.train.__main__ import build_config, main, parse_args
 from spidr_fast.train.distributed import Context, _first_host
 from spidr_fast.train.loop import NonFiniteError, Trainer
 from spidr_fast.train.optim import lr_factor
@@ -66,6 +68,21 @@ def test_cli_trains_on_the_synthetic_corpus_and_exports_for_the_official_package
     assert loaded.codebooks[0].codebook.shape == (TINY["codebook_size"], TINY["encoder_embed_dim"])
 
 
+def test_summary_puts_the_units_beside_the_mfcc_kmeans_baseline_and_plots_the_run(tmp_path, capsys):
+    assert main(tiny_cli_args(tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    for line_start in ("student's head units:", "teacher's codebook units:", "k-means on MFCC:"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(line_start))
+        assert all(name in line for name in ("PNMI", "phone purity", "cluster purity", "unit perplexity", "active"))
+    assert "the model's best units are" in out and "the baseline's PNMI" in out
+    validation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    size = TINY["codebook_size"]
+    assert 0 <= validation["baseline/pnmi"] <= 1 and 1 <= validation["baseline/active_units"] <= size
+    assert 0 <= validation["heads/phone_purity"] <= 1 and 0 <= validation["codebooks/cluster_purity"] <= 1
+    plotted = (tmp_path / "run" / "metrics.png").is_file()
+    assert plotted == ("metrics plot:" in out) == (importlib.util.find_spec("matplotlib") is not None)
+
+
 def test_cli_names_a_bad_config_field(tmp_path, capsys):
     assert main(["--run-dir", str(tmp_path), "--set", "optimizer.learning_rate=1"]) == 2
     assert "unknown field optimizer.learning_rate" in capsys.readouterr().err
@@ -79,6 +96,16 @@ def test_cli_names_a_bad_config_field(tmp_path, capsys):
     assert "manifest not found" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--set", "model.encoder_num_layers=2"]) == 2  # 4 codebooks by default
     assert "model.num_codebooks (4) must be between 1 and model.encoder_num_layers (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--model", "dinosr"], ["--set", "run.model_type='dinosr'"], []])
+def test_default_run_takes_each_models_own_teacher_schedule(flags):
+    cfg = build_config(parse_args(flags))
+    if flags:
+        assert isinstance(cfg.model, DinoSRConfig) and not isinstance(cfg.model, SpidRConfig)
+        assert cfg.model.ema_final_step == 300 and cfg.optimizer.max_steps == 300
+    else:
+        assert isinstance(cfg.model, SpidRConfig) and cfg.model.ema_timescale == 200
 
 
 def test_official_config_file_is_read_as_it_is(tmp_path):

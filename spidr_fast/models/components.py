@@ -69,6 +69,11 @@ def num_frames(cfg: DinoSRConfig, num_samples: Tensor) -> Tensor:
     return num_samples
 
 
+def frame_hop(cfg: DinoSRConfig) -> int:
+    """Samples per feature frame."""
+    return math.prod(stride for _, _, stride in cfg.extractor_conv_layer_config)
+
+
 class FeatureProjection(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()

@@ -19,6 +19,8 @@ from spidr_fast.preemption import Preemption
 if __name__ == "__main__":  # before the imports below, which take seconds: a signal during start-up is not lost
     STARTUP_PREEMPTION = Preemption().__enter__()
 
+from spidr_fast.metrics import describe  # noqa: E402
+from spidr_fast.plots import plot_training  # noqa: E402
 from spidr_fast.train import checkpoint  # noqa: E402
 from spidr_fast.train import config as config_module  # noqa: E402
 from spidr_fast.train import distributed  # noqa: E402
@@ -74,9 +76,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
-    raw: dict[str, Any] = (
-        config_module.read_config_file(args.config) if args.config else config_module.SYNTHETIC_DEFAULTS
-    )
     overrides: dict[str, Any] = {}
     for flag, (section, name) in FIELD_FLAGS.items():
         value = getattr(args, flag)
@@ -84,10 +83,14 @@ def build_config(args: argparse.Namespace) -> config_module.TrainConfig:
             overrides = config_module.merge(overrides, {section: {name: value}})
     for assignment in args.set:
         overrides = config_module.merge(overrides, config_module.parse_override(assignment))
+    if args.config:
+        raw = config_module.read_config_file(args.config)
+    else:
+        raw = config_module.synthetic_defaults(overrides.get("run", {}).get("model_type", "spidr"))
     return config_module.config_from_dict(config_module.merge(raw, overrides))
 
 
-def print_summary(summary: dict[str, Any], export: Path | None) -> None:
+def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | None) -> None:
     train = summary.get("train") or {}
     lines = [f"run folder: {summary['run_dir']}", f"steps: {summary['step']}"]
     if summary["preempted"]:
@@ -105,11 +108,16 @@ def print_summary(summary: dict[str, Any], export: Path | None) -> None:
         line = f"validation [{name}]: loss {result['loss']:.4f}"
         for kind, what in (("heads", "student's head units"), ("codebooks", "teacher's codebook units")):
             if kind in result:
-                best = result[kind]
-                line += (f"\n  {what}: PNMI {best['pnmi']:.3f}, unit perplexity {best['unit_perplexity']:.1f} "
-                         f"(best: {best['best_layer']})")  # fmt: skip
+                line += f"\n  {what + ':':26} {describe(result[kind])}, best: {result[kind]['best_layer']}"
+        if "baseline" in result:
+            line += f"\n  {'k-means on MFCC:':26} {describe(result['baseline'])}, as many units"
+            best_pnmi = max(result[kind]["pnmi"] for kind in ("heads", "codebooks"))
+            verdict = "above" if best_pnmi > result["baseline"]["pnmi"] else "not yet above"
+            line += f"\n  the model's best units are {verdict} the baseline's PNMI"
         lines.append(line)
     lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")
+    if plot:
+        lines.append(f"metrics plot: {plot}")
     print("\n".join(lines))
 
 
@@ -137,7 +145,8 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
         summary = trainer.fit()
         export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
         if ctx.is_main:
-            print_summary(summary, export)
+            plot = run_dir / "metrics.png"
+            print_summary(summary, export, plot if plot_training(run_dir / "metrics.jsonl", plot) else None)
     except (NonFiniteError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -204,9 +204,20 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
                                               [128, 2, 2], [128, 2, 2]],  # 20 ms frames, as the official
               "encoder_embed_dim": 192, "encoder_num_heads": 4, "encoder_num_layers": 6,
               "encoder_ff_interm_features": 512, "encoder_pos_conv_kernel": 32, "encoder_pos_conv_groups": 8,
-              "encoder_pos_conv_depth": 2, "num_codebooks": 4, "codebook_size": 64, "ema_timescale": 200.0},
+              "encoder_pos_conv_depth": 2, "num_codebooks": 4, "codebook_size": 64},
     "optimizer": {"lr": 1e-3, "dtype": "float32", "max_steps": 300, "warmup_steps": 30, "scheduler": "cosine"},
     "validation": {"synthetic": {"synthetic_utterances": 64, "synthetic_seed": 1, "num_workers": 0,
                                  "max_sample_size": 64_000, "max_batch_length": 400_000, "num_buckets": 4,
                                  "min_sample_size": 16_000}},
 }  # fmt: skip
+# Each model's own teacher schedule, both 100 times shorter than the official one (SpidR's timescale of 20k steps,
+# DinoSR's linear anneal over 30k), so that `--model dinosr` runs the same corpus and budget as SpidR.
+SYNTHETIC_TEACHER_SCHEDULES: dict[str, dict[str, Any]] = {"spidr": {"ema_timescale": 200.0},
+                                                          "dinosr": {"ema_final_step": 300}}  # fmt: skip
+
+
+def synthetic_defaults(model_type: str) -> dict[str, Any]:
+    """`SYNTHETIC_DEFAULTS` for `model_type`, with that model's teacher schedule."""
+    _check_choice("run.model_type", model_type, tuple(SYNTHETIC_TEACHER_SCHEDULES))
+    return merge(SYNTHETIC_DEFAULTS, {"run": {"model_type": model_type},
+                                      "model": SYNTHETIC_TEACHER_SCHEDULES[model_type]})  # fmt: skip

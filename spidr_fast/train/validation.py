@@ -1,5 +1,6 @@
 """Validation: loss and perplexities on masked batches, and the unit quality of every head's units against
-frame labels (the synthetic corpus's own, or an alignments JSONL of {"fileid", "phones": [one per 10 ms]})."""
+frame labels (the synthetic corpus's own, or an alignments JSONL of {"fileid", "phones": [one per 10 ms]}), beside
+that of k-means on MFCCs with as many units."""
 
 from collections.abc import Callable
 from functools import partial
@@ -9,13 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spidr_fast.baseline import mfcc_kmeans_quality
 from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_loader, build_source
 from spidr_fast.data.masking import MaskingConfig
 from spidr_fast.data.synthetic import PHONES
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.models import DinoSR
-from spidr_fast.models.components import num_frames
+from spidr_fast.models.components import frame_hop, num_frames
 
 
 def frame_labels(source: AudioSource | SyntheticSource, cfg: DataConfig) -> tuple[list[np.ndarray], int] | None:
@@ -76,6 +78,7 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
         results["units"] = quality
         for kind in ("heads", "codebooks"):  # the student's predicted units, and the teacher's target units
             best = max((k for k in quality if k.startswith(kind)), key=lambda k: quality[k]["pnmi"])
-            results[kind] = {"best_layer": best.split("/")[1], "pnmi": quality[best]["pnmi"],
-                             "unit_perplexity": quality[best]["unit_perplexity"]}  # fmt: skip
+            results[kind] = {"best_layer": best.split("/")[1], **quality[best]}
+        results["baseline"] = mfcc_kmeans_quality(source, cfg, phones, num_phones, model.cfg.codebook_size,
+                                                  frame_hop(model.cfg))  # fmt: skip
     return results
