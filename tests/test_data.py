@@ -12,7 +12,7 @@ import torch
 
 from spidr_fast.data import manifest as manifest_module
 from spidr_fast.data.loading import (AudioSource, BucketBatchSampler, Clip, Collator, DataConfig, SpeechDataset,
-                                     build_source)  # fmt: skip
+                                     build_loader, build_source)  # fmt: skip
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, PHONES, SAMPLE_RATE, SyntheticCorpus
 from spidr_fast.models import SpidRConfig
@@ -235,6 +235,21 @@ def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp
             assert batch.attention_mask is None
         cropped += sum(c.num_samples < source.num_samples(c.index) for c in clips)
     assert cropped > 0  # the case that decodes less was tried
+
+
+def test_a_loader_worker_delivers_the_batches_of_the_main_process(tmp_path):
+    # A worker decodes into shared memory (no copy on the way back): the batches must not depend on where they
+    # were made.
+    manifest = SyntheticCorpus(num_utterances=7, min_seconds=0.5, max_seconds=1.5).write(tmp_path, "flac")
+    batches = {}
+    for workers in (0, 1):
+        cfg = DataConfig(manifest=str(manifest), num_workers=workers, normalize=False, max_sample_size=12_000,
+                         max_batch_length=30_000, num_buckets=3)  # fmt: skip
+        batches[workers] = list(build_loader(cfg, MaskingConfig(), partial(num_frames, SpidRConfig())))
+    assert len(batches[0]) == len(batches[1]) > 1
+    for here, there in zip(batches[0], batches[1], strict=True):
+        assert torch.equal(here.waveforms, there.waveforms) and here.waveforms.abs().sum() > 0
+        assert torch.equal(here.mask_indices, there.mask_indices)
 
 
 def test_a_batch_drops_the_rows_of_unreadable_files_and_pads_to_the_longest_left(tmp_path, caplog):
