@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if bool(args.manifest) != bool(args.alignments):
         parser.error("--manifest and --alignments go together (neither: the synthetic corpus)")
+    try:  # a wrong path or value is named in one line, as python -m spidr_fast.train does
+        return _evaluate_and_report(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _evaluate_and_report(args: argparse.Namespace) -> int:
     abx_implementation(args.abx)  # before the model loads
     checkpoint = args.checkpoint or latest_checkpoint(RunConfig().dir)
     model, cfg = load_model(checkpoint, args.model_type)

@@ -277,22 +277,27 @@ def test_abx_rates_name_their_cells_and_flag_too_few():
     assert format_rate(None, 0) == "none (no cell)"
 
 
-def test_cli_errors_name_the_problem(run, tmp_path):
+def test_cli_errors_name_the_problem(run, tmp_path, capsys):
     root, checkpoint, manifest = run
     records = [json.loads(line) for line in (manifest.parent / "alignments.jsonl").read_text().splitlines()]
     records[1]["phones"] = records[1]["phones"][:50]
     alignments = tmp_path / "short.jsonl"
     alignments.write_text("\n".join(json.dumps(r) for r in records))
     args = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out", str(tmp_path), "--no-progress"]
-    with pytest.raises(ValueError, match=f"alignment of {records[1]['fileid']} does not match its audio"):
-        main([*args, "--alignments", str(alignments), "--layers", "3"])
+
+    def error_of(*extra: str) -> str:  # one line on stderr and exit status 2, no traceback
+        assert main([*args, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+        return lines[0]
+
+    assert f"alignment of {records[1]['fileid']} does not match its audio" in error_of(
+        "--alignments", str(alignments), "--layers", "3")
     alignments.write_text("\n".join(json.dumps(r) for r in records[1:]))
-    with pytest.raises(ValueError, match=f"no alignment for file {records[0]['fileid']}"):
-        main([*args, "--alignments", str(alignments)])
-    with pytest.raises(ValueError, match="unknown layer 4"):
-        main([*args, "--alignments", str(manifest.parent / "alignments.jsonl"), "--layers", "4"])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        main(["--checkpoint", str(tmp_path / "none.pt")])
+    assert f"no alignment for file {records[0]['fileid']}" in error_of("--alignments", str(alignments))
+    assert "unknown layer 4" in error_of("--alignments", str(manifest.parent / "alignments.jsonl"), "--layers", "4")
+    args = ["--checkpoint", str(tmp_path / "none.pt")]
+    assert "checkpoint not found" in error_of()
 
 
 @requires_fastabx
