@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> Results:
     per_worker: dict[str, float] = {}
     for corpus, spec in corpora.items():
         for audio_format in ("flac", "wav"):
-            folder = ROOT / ".benchmarks" / "input_pipeline" / f"{corpus.split()[0].lower()}-{audio_format}"
+            files, shortest, longest, _ = spec  # in the folder's name: another corpus is written anew, not reused
+            name = f"{corpus.split()[0].lower()}-{files}x{shortest:g}-{longest:g}s-{audio_format}"
+            folder = ROOT / ".benchmarks" / "input_pipeline" / name
             manifest = write_corpus(folder, audio_format, *spec)
             measured = compare_modes(manifest, workers=args.workers, repeats=repeats, min_seconds=min_seconds)
             for mode, (rate, ms) in measured.items():
