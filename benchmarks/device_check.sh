@@ -105,10 +105,10 @@ if [[ $MODE == rehearse ]]; then
   # The CPU has no real extension: the emulator build stands in for it, loaded as the tests load it.
   step import check.log 60 python3 -c '
 from spidr_fast import build_extension, info
-from spidr_fast.ops import flash_attention
+from spidr_fast.ops.kernels import attention as attention_kernel
 module = build_extension.load(build_extension.build(emulate=True)[0])
 assert module.emulated, "the rehearsal expects the emulator build"
-flash_attention.use_extension(module)
+attention_kernel.use_extension(module)
 info.main()'
   step tests check.log 400 bash -c "$GPU_TESTS"
   step sanitizer check.log 10 bash -c 'echo "no compute-sanitizer on a CPU: skipped"'
@@ -121,8 +121,8 @@ elif [[ $MODE == eager ]]; then
   step import check.log 30 python3 -c '
 import torch
 from spidr_fast import info
-from spidr_fast.ops import flash_attention
-module = flash_attention.extension()
+from spidr_fast.ops.kernels import attention as attention_kernel
+module = attention_kernel.extension()
 assert module is not None, "spidr_fast._flash_attn does not import: the build stage installed no extension"
 assert not module.emulated, "spidr_fast._flash_attn is the CPU emulator build"
 assert torch.cuda.is_available(), "torch sees no CUDA device"
@@ -132,7 +132,7 @@ info.main()'
   # API errors that torch raises while it probes the device are not ours: only memory errors count.
   step sanitizer check.log 45 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python3 -c '
 import torch
-from spidr_fast.ops.flash_attention import flash_attention_varlen
+from spidr_fast.ops.kernels.attention import flash_attention_varlen
 for head_dim in (64, 128):
     q, k, v = (torch.randn(200, 2, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     cu = torch.tensor([0, 1, 70, 200], dtype=torch.int32, device="cuda")

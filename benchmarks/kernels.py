@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
-from spidr_fast.ops import _dispatch, flash_attention  # noqa: E402
+from spidr_fast.ops import _dispatch
+from spidr_fast.ops.kernels import attention as attention_kernel  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
 VARIANTS = ("eager", "compiled")
@@ -169,7 +170,7 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
         packed = [t.detach().flatten(0, 1).requires_grad_() for t in (q, k, v)]
 
         def ours():
-            return flash_attention.flash_attention_varlen(*packed, cu_seqlens, frames)
+            return attention_kernel.flash_attention_varlen(*packed, cu_seqlens, frames)
 
         def sdpa(backend):
             def run():
@@ -186,7 +187,7 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
                 continue
             impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
         for impl, (forward, inputs, out_grad) in impls.items():
-            reason = flash_attention.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
+            reason = attention_kernel.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
             if reason is not None:
                 for case in ("attention fwd", "attention bwd"):
                     results.add(case, shape, impl, None, note=reason)

@@ -11,7 +11,8 @@ import platform
 import torch
 
 import spidr_fast
-from spidr_fast.ops import _dispatch, flash_attention
+from spidr_fast.ops import _dispatch
+from spidr_fast.ops.kernels import attention as attention_kernel
 
 
 def _version(package: str) -> str:
@@ -22,7 +23,7 @@ def _version(package: str) -> str:
 
 
 def report() -> dict[str, object]:
-    extension = flash_attention.extension()
+    extension = attention_kernel.extension()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     info: dict[str, object] = {
         "spidr_fast": spidr_fast.__version__,

@@ -22,21 +22,6 @@ if not torch.cuda.is_available():
 OFFICIAL_VERSION = "0.2.0"
 OFFICIAL_CACHE = Path(os.environ.get("SPIDR_OFFICIAL_CACHE", Path.home() / ".cache" / "spidr_fast" / "official"))
 
-# A model small enough for CPU tests that still has every part of the real one.
-TINY = dict(
-    extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)],
-    encoder_embed_dim=64,
-    encoder_num_heads=4,
-    encoder_num_layers=4,
-    encoder_ff_interm_features=128,
-    encoder_pos_conv_kernel=16,
-    encoder_pos_conv_groups=4,
-    encoder_pos_conv_depth=2,
-    codebook_size=17,
-    num_codebooks=3,
-)
-
-
 def _fetch_official() -> Path:
     target = OFFICIAL_CACHE / OFFICIAL_VERSION
     if not (target / "spidr" / "models" / "__init__.py").is_file():
@@ -113,10 +98,10 @@ def flash_emulator():
 def emulated_flash(flash_emulator):
     """Run spidr_fast's flash-attention through the emulator, and force the "cuda" backend, for one test."""
     from spidr_fast import ops
-    from spidr_fast.ops import flash_attention
+    from spidr_fast.ops.kernels import attention as attention_kernel
 
-    previous_module, previous_backend = flash_attention.use_extension(flash_emulator), ops.forced_backend()
+    previous_module, previous_backend = attention_kernel.use_extension(flash_emulator), ops.forced_backend()
     ops.set_backend("cuda")
     yield flash_emulator
-    flash_attention.use_extension(previous_module)
+    attention_kernel.use_extension(previous_module)
     ops.set_backend(previous_backend)

@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY
+from helpers import TINY
 
 from spidr_fast.models import SpidR, SpidRConfig
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_config
+from helpers import tiny_config
 
 from spidr_fast import abx, evaluate
 from spidr_fast.data.synthetic import SyntheticCorpus

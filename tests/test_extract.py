@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import tiny_config
+from helpers import tiny_config
 
 from spidr_fast.data.loading import AudioSource
 from spidr_fast.data.synthetic import SyntheticCorpus

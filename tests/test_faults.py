@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from test_train import tiny_cli_args
+from helpers import tiny_cli_args
 
 from spidr_fast.data.synthetic import SyntheticCorpus
 from spidr_fast.train import checkpoint

@@ -13,8 +13,8 @@ test itself before a GPU ever sees it.
 
 import pytest
 import torch
+from helpers import MODELS
 
-from spidr_fast.models import DinoSR, DinoSRConfig, SpidR, SpidRConfig
 from spidr_fast.ops import _dispatch
 
 CUDA = torch.cuda.is_available()
@@ -26,7 +26,6 @@ CONFIG = dict(
     encoder_pos_conv_depth=2, codebook_size=64, num_codebooks=3, encoder_dropout=0.0, encoder_attention_dropout=0.0,
     encoder_layer_drop=0.0,
 )  # fmt: skip
-MODELS = {"spidr": (SpidR, SpidRConfig), "dinosr": (DinoSR, DinoSRConfig)}
 
 
 def training_step(name, backend, autocast, samples, **per_op):

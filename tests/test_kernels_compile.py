@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_models import batch, tiny
+from helpers import batch, tiny
 
 from spidr_fast.ops import kernel_report
 

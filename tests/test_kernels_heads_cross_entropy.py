@@ -6,7 +6,7 @@ linear and cosine logits. Tolerances are the reference's own (tests/test_ops_hea
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_heads import TOLERANCES, direct
+from helpers import TOLERANCES, direct
 
 from spidr_fast import ops
 

@@ -7,13 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import MODELS, NUM_SAMPLES, TINY, batch, tiny
 
 from spidr_fast.models import DinoSR, DinoSRConfig, SpidR, SpidRConfig, build_model, masked_frame_index
 
-MODELS = {"spidr": (SpidR, SpidRConfig), "dinosr": (DinoSR, DinoSRConfig)}
 VARIANTS = [dict(), dict(extractor_mode="group_norm", encoder_layer_norm_first=True, encoder_qkv_bias=True)]
-NUM_SAMPLES = 4000  # 199 frames with TINY's extractor
 
 
 def official_pair(official, name, **overrides):
@@ -28,22 +26,8 @@ def official_pair(official, name, **overrides):
     return theirs, ours
 
 
-def batch(model, num_utterances=3, num_masked=40, padded=True):
-    waveforms = torch.randn(num_utterances, NUM_SAMPLES)
-    frames = model.feature_extractor(waveforms[:1]).shape[1]
-    mask_indices = torch.stack([torch.randperm(frames)[:num_masked] for _ in range(num_utterances)])
-    lengths = torch.tensor([frames - 7 * i for i in range(num_utterances)])
-    attention_mask = (torch.arange(frames) < lengths.unsqueeze(1))[:, None, None, :] if padded else None
-    return waveforms, mask_indices, attention_mask
-
-
 def relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def tiny(name, **overrides):
-    model_class, config_class = MODELS[name]
-    return model_class(config_class(**TINY | overrides))
 
 
 # --- compatibility with the official package -----------------------------------------------------------------------

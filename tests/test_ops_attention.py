@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import pack
 
 from spidr_fast import ops
 from spidr_fast.ops import padding
@@ -42,7 +43,7 @@ def test_packed_attention_equals_padded_on_real_frames(lengths):
     q, k, v = random_qkv(len(lengths), frames, 2, 8)
     mask = ragged_mask(lengths, frames)
     padded_out = ops.attention(q, k, v, key_padding_mask=mask)
-    packed = [padding.pack(t, mask) for t in (q, k, v)]
+    packed = [pack(t, mask) for t in (q, k, v)]
     out = ops.attention(*(p.tokens for p in packed), cu_seqlens=packed[0].cu_seqlens, max_seqlen=packed[0].max_seqlen)
     assert out.shape == (sum(lengths), 2, 8)
     torch.testing.assert_close(out, padded_out[mask])
@@ -67,7 +68,7 @@ def test_attention_dropout_is_seeded_and_drops():
 def test_pack_unpack_round_trip_and_cu_seqlens():
     x = torch.randn(3, 7, 4)
     mask = ragged_mask([7, 0, 2], 7)
-    packed = padding.pack(x, mask)
+    packed = pack(x, mask)
     assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, 7, 7, 9]
     assert packed.max_seqlen == 7
     torch.testing.assert_close(padding.unpack(packed.tokens, packed.token_index, 3, 7), x * mask.unsqueeze(-1))
@@ -83,6 +84,7 @@ def test_pack_unpack_round_trip_and_cu_seqlens():
     (dict(max_seqlen=5), "max_seqlen goes with cu_seqlens"),
     (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q must be \\(total_tokens"),
     (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    (dict(softmax_scale=float("inf")), "softmax_scale must be a finite number, got inf"),
 ])  # fmt: skip
 def test_padded_attention_names_bad_argument(kwargs, message):
     args = dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4)) | kwargs
@@ -100,3 +102,27 @@ def test_packed_attention_names_bad_argument(kwargs, message):
     q = torch.randn(5, 2, 4)
     with pytest.raises(ValueError, match=message):
         ops.attention(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize(("cu_seqlens", "max_seqlen", "message"), [
+    ([0, 5], 5, "cu_seqlens must end at the token count 33, got 5"),
+    ([1, 33], 32, "cu_seqlens must start at 0, got 1"),
+    ([0, 20, 10, 33], 23, "cu_seqlens must be non-decreasing"),
+    ([0, 10, 33], 10, "max_seqlen 10 is below the longest sequence, 23"),
+])  # fmt: skip
+def test_packed_attention_checks_the_values_of_cu_seqlens_on_every_backend(cu_seqlens, max_seqlen, message):
+    q = torch.randn(33, 2, 4)
+    with pytest.raises(ValueError, match=message):
+        ops.attention(q, q, q, cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32), max_seqlen=max_seqlen)
+
+
+def test_packed_attention_compiles_with_fullgraph():
+    """The host read of cu_seqlens is left out of the traced graph, which would otherwise break there."""
+    q, k, v = random_qkv(12, 2, 8)
+    cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32)
+
+    def packed(q, k, v):
+        return ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=7)
+
+    compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), packed(q, k, v))

@@ -3,16 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_codebooks
 
 from spidr_fast import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def random_codebooks(num_layers: int, num_codewords: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = torch.rand(num_layers, num_codewords) * 5 + 0.5
-    codebook = torch.randn(num_layers, num_codewords, dim) * counts.unsqueeze(-1)
-    return codebook, counts
 
 
 def direct_scores(x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY, tiny_cli_args, tiny_config
 
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.train import checkpoint
@@ -21,32 +21,6 @@ from spidr_fast.train.optim import lr_factor
 
 CPU = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_layer_drop=0.0)
-# 20 ms frames like the real model, everything else tiny.
-TINY_TRAIN = {
-    "run": {"model_type": "spidr", "log_interval": 1, "save_interval": 2, "keep_latest": 2, "compile": False,
-            "validate_interval": 0},
-    "data": {"synthetic_utterances": 12, "num_workers": 0, "max_sample_size": 24_000, "max_batch_length": 60_000,
-             "min_sample_size": 8_000, "num_buckets": 2},
-    "model": TINY | {"extractor_conv_layer_config": [[32, 10, 5], [32, 4, 4], [32, 4, 4], [32, 4, 4]]},
-    "optimizer": {"max_steps": 4, "warmup_steps": 1, "scheduler": "cosine", "dtype": "float32", "lr": 1e-3},
-    "validation": {"synthetic": {"synthetic_utterances": 3, "synthetic_seed": 1, "num_workers": 0,
-                                 "max_sample_size": 24_000, "max_batch_length": 60_000, "min_sample_size": 8_000,
-                                 "num_buckets": 1}},
-}  # fmt: skip
-
-
-def tiny_config(**sections):
-    return config_module.config_from_dict(config_module.merge(TINY_TRAIN, sections))
-
-
-def tiny_cli_args(run_dir, *extra):
-    args = ["--run-dir", str(run_dir), "--no-progress"]
-    for section, fields in TINY_TRAIN.items():
-        for name, value in fields.items():
-            for field, leaf in (value.items() if section == "validation" else [(None, value)]):
-                key = f"{section}.{name}" if field is None else f"{section}.{name}.{field}"
-                args.append(f"--set={key}={json.dumps(leaf)}")
-    return args + list(extra)
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------

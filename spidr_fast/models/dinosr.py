@@ -8,9 +8,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from spidr_fast import ops
-from spidr_fast.models.codebooks import Codebooks
 from spidr_fast.models.components import FeatureExtractor, FeatureProjection, Transformer
 from spidr_fast.models.config import DinoSRConfig
+from spidr_fast.nn.codebook import EMACodebooks
 
 
 def perplexity(probs: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ class DinoSR(nn.Module):
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, cfg.codebook_size), nn.LogSoftmax(dim=-1)) for _ in range(cfg.num_codebooks)
         )
-        self.codebooks = Codebooks(cfg.num_codebooks, cfg.codebook_size, dim, cfg.codebook_decay)
+        self.codebooks = EMACodebooks(cfg.num_codebooks, cfg.codebook_size, dim, cfg.codebook_decay)
         # Official: the teacher starts as a freshly initialised float32 copy of the student, outside autograd.
         self.teacher = copy.deepcopy(self.student).float()
         self.teacher.apply(Transformer.init_weights)

@@ -1,7 +1,9 @@
 """The seam between the models and the kernels: every hot op of the SpidR/DinoSR objective.
 
-Each op validates its inputs here and runs the implementation that `_dispatch` picks: a fused kernel on CUDA
-tensors when one is registered, the plain-PyTorch reference otherwise (see `_dispatch` for the override).
+One stem per op: `ops/<stem>.py` holds its public function (the only place that checks the inputs) and its
+plain-PyTorch reference, `ops/kernels/<stem>.py` its fused implementation, registered as a backend that
+`_dispatch` picks: a fused kernel on CUDA tensors when one is registered, the reference otherwise (see `_dispatch`
+for the override). Stems: codebook, heads_cross_entropy, attention.
 """
 
 import importlib.util
@@ -16,10 +18,12 @@ from spidr_fast.ops.codebook import (
     instance_norm_assign,
     instance_norm_select,
 )
-from spidr_fast.ops.heads import heads_cross_entropy
+from spidr_fast.ops.heads_cross_entropy import heads_cross_entropy
+from spidr_fast.ops.kernels import attention as _attention_kernel  # noqa: F401 - registers its "cuda" backend
 
 if importlib.util.find_spec("triton") is not None:  # registers the "triton" backend of each op
-    import spidr_fast.ops.kernels  # noqa: F401
+    from spidr_fast.ops.kernels import codebook as _codebook_kernel  # noqa: F401
+    from spidr_fast.ops.kernels import heads_cross_entropy as _heads_cross_entropy_kernel  # noqa: F401
 
 __all__ = [
     "BACKENDS",

@@ -123,3 +123,22 @@ def reference(op: str) -> Callable:
 
 def registered_ops() -> list[str]:
     return list(_registry)
+
+
+def custom_op(name: str, *, fake: Callable, mutates_args: tuple[str, ...] = ()) -> torch.library.CustomOpDef:
+    """Declare `torch.ops.spidr_fast.<name>` once its reference is registered: its schema is the reference's
+    signature, its body runs the implementation that `implementation` picks for the device of its first argument,
+    and `fake` (same arguments) gives torch.compile the outputs' shapes and dtypes without running anything.
+
+    Why every op is a custom op: torch.compile, with fullgraph=True too, traces it as one node whatever backend runs
+    inside, instead of tracing into a Triton launch or a raw-pointer extension call it cannot follow. Autocast does
+    not see inside either: the public function casts its inputs where autocast would.
+    """
+    schema = torch.library.infer_schema(reference(name), mutates_args=mutates_args)
+
+    def run(*args: object) -> object:
+        return implementation(name, args[0].device)(*args)
+
+    op = torch.library.custom_op(f"spidr_fast::{name}", run, mutates_args=mutates_args, schema=schema)
+    op.register_fake(fake)
+    return op

@@ -2,13 +2,16 @@
 
     padded: q, k, v (B, T, heads, head_dim), optional key_padding_mask (B, T) bool, True on real frames
     packed: q, k, v (total_tokens, heads, head_dim), cu_seqlens (B + 1,) int32, max_seqlen int
-The output has q's layout.
+The output has q's layout. `attention` checks every input, the values of cu_seqlens included; the
+implementations below it (the SDPA reference here, the "cuda" one in kernels/attention.py) trust them.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from spidr_fast.ops import flash_attention, padding
+from spidr_fast.ops import padding
 from spidr_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from spidr_fast.ops._dispatch import implementation, register
 
@@ -51,27 +54,19 @@ def _attention_reference(
     return out.flatten(0, 1).index_select(0, token_index)
 
 
-@register("attention", "cuda")
-def _attention_flash(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int | None,
-    dropout_p: float,
-    softmax_scale: float | None,
-) -> torch.Tensor:
-    """The extension where it supports the inputs (see `flash_attention.unsupported_reason`), SDPA elsewhere."""
-    if flash_attention.unsupported_reason(q) is not None:
-        return _attention_reference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
-    if cu_seqlens is not None:
-        if not torch.compiler.is_compiling():  # user input: worth one host read of B + 1 integers
-            flash_attention.check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-        return flash_attention.flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
-    # Padded: in place, masked keys skipped; padded queries get SDPA's values, which the model's later layers use.
-    return flash_attention.flash_attention_padded(q, k, v, key_padding_mask, **options)
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> None:
+    """The values of cu_seqlens (B + 1,) int32, read on the host: from 0, non-decreasing, up to total_tokens, no
+    sequence longer than max_seqlen."""
+    values = cu_seqlens.cpu()
+    lengths = values[1:] - values[:-1]
+    if int(values[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(values[0])}")
+    if bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values.tolist()}")
+    if int(values[-1]) != total_tokens:
+        raise ValueError(f"cu_seqlens must end at the token count {total_tokens}, got {int(values[-1])}")
+    if int(lengths.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence, {int(lengths.max())}")
 
 
 def attention(
@@ -103,6 +98,8 @@ def attention(
     check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale}")
     if cu_seqlens is None:
         if q.dim() != 4:
             raise ValueError(f"q must be (B, T, heads, head_dim) without cu_seqlens, got shape {tuple(q.shape)}")
@@ -121,6 +118,9 @@ def attention(
             raise ValueError(f"cu_seqlens must have B + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be a non-negative int with cu_seqlens, got {max_seqlen!r}")
+        # One host read of B + 1 integers, left out while torch.compile traces (it would break the graph).
+        if not torch.compiler.is_compiling():
+            _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     return implementation("attention", q.device)(
         q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale
     )

@@ -11,8 +11,7 @@ All ops work on the L codebooks of a model at once. Shapes:
 batch_counts and batch_sums are views of one flat float32 buffer, counts first (`codebook_statistics`), so that
 a distributed run sums both over ranks with a single all-reduce.
 
-Each op is a torch.library custom op (`torch.ops.spidr_fast.*`) whose implementation asks `_dispatch` which
-backend runs, so torch.compile traces it as one node whatever the backend.
+Each op is a custom op `torch.ops.spidr_fast.<name>` declared by `_dispatch.custom_op` (which says why).
 """
 
 from typing import Literal
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from spidr_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
-from spidr_fast.ops._dispatch import implementation, register
+from spidr_fast.ops._dispatch import custom_op, register
 
 Metric = Literal["l2", "cosine"]
 METRICS = ("l2", "cosine")
@@ -48,14 +47,11 @@ def _instance_norm_select_reference(layers: torch.Tensor, frame_index: torch.Ten
     return _instance_norm(layers, None).flatten(1, 2).index_select(1, frame_index)
 
 
-@torch.library.custom_op("spidr_fast::instance_norm_select", mutates_args=())
-def _instance_norm_select_op(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
-    return implementation("instance_norm_select", layers.device)(layers, frame_index)
-
-
-@_instance_norm_select_op.register_fake
-def _(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
+def _fake_select(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
     return layers.new_empty((layers.shape[0], frame_index.shape[0], layers.shape[3]), dtype=torch.float32)
+
+
+_instance_norm_select_op = custom_op("instance_norm_select", fake=_fake_select)
 
 
 def instance_norm_select(layers: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
@@ -90,7 +86,7 @@ def codebook_statistics(flat: torch.Tensor, num_layers: int, num_codewords: int)
 
 @register("codebook_assign", "reference")
 def _codebook_assign_reference(
-    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: Metric, deterministic: bool
+    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     del deterministic  # scatter_add_ on CPU is deterministic; on CUDA torch.use_deterministic_algorithms decides
     num_layers, num_codewords, dim = codebook.shape
@@ -115,22 +111,13 @@ def _codebook_assign_reference(
     return labels, flat
 
 
-@torch.library.custom_op("spidr_fast::codebook_assign", mutates_args=())
-def _codebook_assign_op(
-    x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str, deterministic: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation("codebook_assign", x.device)(x, codebook, counts, metric, deterministic)
-
-
 def _fake_assign(num_rows: int, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     num_layers, num_codewords, dim = codebook.shape
     labels = codebook.new_empty((num_layers, num_rows), dtype=torch.int64)
     return labels, codebook.new_empty(num_layers * num_codewords * (dim + 1))
 
 
-@_codebook_assign_op.register_fake
-def _(x: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor, metric: str, deterministic: bool):  # noqa: ANN202
-    return _fake_assign(x.shape[1], codebook)
+_codebook_assign_op = custom_op("codebook_assign", fake=lambda x, codebook, *_: _fake_assign(x.shape[1], codebook))
 
 
 def _check_codebooks(codebook: torch.Tensor, counts: torch.Tensor) -> tuple[int, int, int]:
@@ -190,31 +177,16 @@ def _instance_norm_assign_reference(
     codebook: torch.Tensor,
     counts: torch.Tensor,
     lengths: torch.Tensor | None,
-    metric: Metric,
+    metric: str,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     targets = _instance_norm(layers, lengths).flatten(1, 2).index_select(1, frame_index)
     return _codebook_assign_reference(targets, codebook, counts, metric, deterministic)
 
 
-@torch.library.custom_op("spidr_fast::instance_norm_assign", mutates_args=())
-def _instance_norm_assign_op(
-    layers: torch.Tensor,
-    frame_index: torch.Tensor,
-    codebook: torch.Tensor,
-    counts: torch.Tensor,
-    lengths: torch.Tensor | None,
-    metric: str,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation("instance_norm_assign", layers.device)(
-        layers, frame_index, codebook, counts, lengths, metric, deterministic
-    )
-
-
-@_instance_norm_assign_op.register_fake
-def _(layers, frame_index, codebook, counts, lengths, metric, deterministic):  # noqa: ANN001, ANN202
-    return _fake_assign(frame_index.shape[0], codebook)
+_instance_norm_assign_op = custom_op(
+    "instance_norm_assign", fake=lambda layers, frame_index, codebook, *_: _fake_assign(frame_index.shape[0], codebook)
+)
 
 
 @torch.no_grad()
@@ -271,16 +243,7 @@ def _codebook_ema_update_reference(
     codebook.copy_(alpha.unsqueeze(-1) * codebook + (1 - alpha).unsqueeze(-1) * batch_sums)
 
 
-@torch.library.custom_op("spidr_fast::codebook_ema_update_", mutates_args=("codebook", "counts"))
-def _codebook_ema_update_op(
-    codebook: torch.Tensor, counts: torch.Tensor, batch_counts: torch.Tensor, batch_sums: torch.Tensor, decay: float
-) -> None:
-    implementation("codebook_ema_update_", codebook.device)(codebook, counts, batch_counts, batch_sums, decay)
-
-
-@_codebook_ema_update_op.register_fake
-def _(codebook, counts, batch_counts, batch_sums, decay) -> None:  # noqa: ANN001
-    return None
+_codebook_ema_update_op = custom_op("codebook_ema_update_", fake=lambda *_: None, mutates_args=("codebook", "counts"))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spidr_fast.ops.kernels import codebook_assign, codebook_ema, heads_cross_entropy
+from spidr_fast.ops.kernels import codebook, heads_cross_entropy
 
 # SpidR base: 8 codebooks of 256 codewords over 768 channels; ~12k frames per batch (16 × 750), bf16 teacher layers.
 NUM_LAYERS, NUM_CODEWORDS, DIM, FRAMES = 8, 256, 768, 12_000
@@ -54,25 +54,25 @@ def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]
     rows = dict(x_ptr=bf16, index_ptr=i64, mean_ptr=fp32, rstd_ptr=fp32)
     stats = dict(codebook_ptr=fp32, counts_ptr=fp32, labels_ptr=i64, batch_counts_ptr=fp32, batch_sums_ptr=fp32)
 
-    config, options = _split(codebook_assign.stats_config(DIM))
-    kernel = codebook_assign._instance_norm_stats_kernel
+    config, options = _split(codebook.stats_config(DIM))
+    kernel = codebook._instance_norm_stats_kernel
     signature = _signature(kernel, dict(x_ptr=bf16, lengths_ptr=i64, mean_ptr=fp32, rstd_ptr=fp32), ("eps",))
     yield "instance_norm_stats", kernel, signature, dict(HAS_LENGTHS=True, **config), options
 
-    config, options = _split(codebook_assign.assign_config(NUM_CODEWORDS, DIM))
-    kernel = codebook_assign._assign_kernel
+    config, options = _split(codebook.assign_config(NUM_CODEWORDS, DIM))
+    kernel = codebook._assign_kernel
     flags = dict(GATHER=True, NORMALIZE=True, ATOMIC_STATS=True)
     for metric in ("l2", "cosine"):
         constexprs = dict(COSINE=metric == "cosine", **flags, **config)
         yield f"codebook_assign[{metric}]", kernel, _signature(kernel, rows | stats), constexprs, options
 
-    config, options = _split(codebook_assign.statistics_config(NUM_CODEWORDS, DIM))
-    kernel = codebook_assign._statistics_kernel
+    config, options = _split(codebook.statistics_config(NUM_CODEWORDS, DIM))
+    kernel = codebook._statistics_kernel
     constexprs = dict(GATHER=True, NORMALIZE=True, **config)
     yield "codebook_statistics[deterministic]", kernel, _signature(kernel, rows | stats), constexprs, options
 
-    config, options = _split(codebook_ema.ema_config(DIM))
-    kernel = codebook_ema._ema_update_kernel
+    config, options = _split(codebook.ema_config(DIM))
+    kernel = codebook._ema_update_kernel
     pointers = dict(codebook_ptr=fp32, counts_ptr=fp32, batch_counts_ptr=fp32, batch_sums_ptr=fp32)
     yield "codebook_ema_update", kernel, _signature(kernel, pointers, ("decay",)), config, options
 

@@ -1,5 +1,4 @@
-"""Fused Triton kernels, one file per op: kernels, then the launcher registered as the op's "triton" backend."""
-
-from spidr_fast.ops.kernels import codebook_assign, codebook_ema, heads_cross_entropy
-
-__all__ = ["codebook_assign", "codebook_ema", "heads_cross_entropy"]
+"""The fused implementation of each op, one file per stem, registered as the op's backend when `spidr_fast.ops`
+is imported: `codebook` and `heads_cross_entropy` in Triton ("triton"), `attention` through the CUDA extension
+built from csrc/ ("cuda"). Nothing is imported here, so that `attention` loads without triton.
+"""

@@ -12,10 +12,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import dropout_keep_mask, philox4x32_10
 
 from spidr_fast import ops
-from spidr_fast.ops import flash_attention
-from spidr_fast.ops.flash_attention import dropout_keep_mask, flash_attention_varlen, philox4x32_10
+from spidr_fast.ops.kernels import attention as attention_kernel
+from spidr_fast.ops.kernels.attention import flash_attention_varlen
 
 
 def reference_attention(q, k, v, cu_seqlens, *, key_mask=None, keep_masks=None, dropout_p=0.0, softmax_scale=None):
@@ -75,7 +76,7 @@ def check_against_float32(lengths, heads, head_dim, dtype, dropout_p=0.0, *, sof
         if key_mask is None:
             return flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), rng_state=rng_state, **options)
         padded_shape = (len(lengths), lengths[0], heads, head_dim)
-        out = flash_attention.flash_attention_padded(*(t.view(padded_shape) for t in (q, k, v)),
+        out = attention_kernel.flash_attention_padded(*(t.view(padded_shape) for t in (q, k, v)),
                                                      key_mask.view(padded_shape[:2]), rng_state=rng_state,
                                                      **options)  # fmt: skip
         return out.view(q.shape)
@@ -100,7 +101,7 @@ def assert_flash_rule(name, mine, torch_low, exact):
     assert ours_error <= 2 * torch_error + 1e-5, (name, ours_error, torch_error)
 
 
-needs_cuda_build = pytest.mark.skipif(not torch.cuda.is_available() or flash_attention.extension() is None,
+needs_cuda_build = pytest.mark.skipif(not torch.cuda.is_available() or attention_kernel.extension() is None,
                                       reason="needs a CUDA device and the built extension")  # fmt: skip
 
 
@@ -267,7 +268,7 @@ def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
     q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.float16) for _ in "qkv")
     cu_seqlens = cu_seqlens_of(lengths)
     rng_state = torch.zeros(2, dtype=torch.int64)
-    _, lse = flash_attention._forward_op(q, k, v, cu_seqlens, None, rng_state, max(lengths), 0.0, 0.125)
+    _, lse = attention_kernel._forward_op(q, k, v, cu_seqlens, None, rng_state, max(lengths), 0.0, 0.125)
     expected = []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         logits = q[start:end].float().transpose(0, 1) @ k[start:end].float().transpose(0, 1).transpose(1, 2)
@@ -328,7 +329,7 @@ def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_k
     mask = {"none": None, "right-padded": torch.arange(frames) < torch.tensor([70, 1, 20])[:, None],
             "arbitrary": torch.rand(batch, frames) < 0.6}[mask_kind]  # fmt: skip
     rng_state = torch.tensor([77, 0])
-    out = flash_attention.flash_attention_padded(q, k, v, mask, dropout_p=dropout_p, rng_state=rng_state)
+    out = attention_kernel.flash_attention_padded(q, k, v, mask, dropout_p=dropout_p, rng_state=rng_state)
     grad = torch.randn_like(out)
     (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
 
@@ -352,7 +353,7 @@ def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_k
 
 def test_ops_attention_dispatches_padded_inputs_to_the_kernel(emulated_flash, monkeypatch):
     calls = []
-    monkeypatch.setattr(flash_attention, "_forward_op", _counting(flash_attention._forward_op, calls))
+    monkeypatch.setattr(attention_kernel, "_forward_op", _counting(attention_kernel._forward_op, calls))
     q = torch.randn(2, 9, 2, 64, dtype=torch.float16)
     mask = torch.arange(9) < torch.tensor([9, 4])[:, None]
     out = ops.attention(q, q, q, key_padding_mask=mask)
@@ -364,7 +365,7 @@ def test_ops_attention_dispatches_padded_inputs_to_the_kernel(emulated_flash, mo
 def test_a_row_without_real_keys_gets_zeros(emulated_flash):
     q = torch.randn(2, 5, 1, 64, dtype=torch.bfloat16)
     mask = torch.tensor([[True] * 5, [False] * 5])
-    out = flash_attention.flash_attention_padded(q, q, q, mask)
+    out = attention_kernel.flash_attention_padded(q, q, q, mask)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
 
 
@@ -383,28 +384,42 @@ def test_ops_attention_packed_checks_cu_seqlens_before_the_kernel(emulated_flash
         ops.attention(q, q, q, cu_seqlens=torch.tensor([0, 10]), max_seqlen=10)
 
 
-def test_flash_attention_varlen_names_bad_arguments(emulated_flash):
+def test_attention_names_bad_arguments_before_the_kernel(emulated_flash):
+    """ops.attention checks the inputs once for every backend; below it the extension's own checks are the last
+    line, and flash_attention_varlen checks only the rng_state it alone takes."""
     cu_seqlens = cu_seqlens_of([8])
     good = torch.randn(8, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="k must be bfloat16 or float16"):
-        flash_attention_varlen(good, good.float(), good, cu_seqlens, 8)
-    with pytest.raises(ValueError, match="q must be .* head_dim in"):
-        flash_attention_varlen(good[..., :32], good[..., :32], good[..., :32], cu_seqlens, 8)
-    with pytest.raises(ValueError, match="v must be contiguous along head_dim"):
-        flash_attention_varlen(good, good, good.transpose(1, 2).contiguous().transpose(1, 2)[..., :64], cu_seqlens, 8)
-    with pytest.raises(ValueError, match="v must match q's shape"):
-        flash_attention_varlen(good, good, good[:4], cu_seqlens, 8)
-    with pytest.raises(ValueError, match="cu_seqlens must be .* int32"):
-        flash_attention_varlen(good, good, good, cu_seqlens.long(), 8)
-    with pytest.raises(ValueError, match="rng_state must be"):
-        flash_attention_varlen(good, good, good, cu_seqlens, 8, dropout_p=0.1, rng_state=torch.tensor([1]))
+    with pytest.raises(ValueError, match="k must have dtype in \\(bfloat16\\)"):
+        ops.attention(good, good.float(), good, cu_seqlens=cu_seqlens, max_seqlen=8)
+    with pytest.raises(ValueError, match="v must have shape q's shape"):
+        ops.attention(good, good, good[:4], cu_seqlens=cu_seqlens, max_seqlen=8)
+    with pytest.raises(ValueError, match="cu_seqlens must have dtype in \\(int32\\)"):
+        ops.attention(good, good, good, cu_seqlens=cu_seqlens.long(), max_seqlen=8)
     with pytest.raises(ValueError, match="softmax_scale must be a finite number, got inf"):
-        flash_attention_varlen(good, good, good, cu_seqlens, 8, softmax_scale=float("inf"))
+        ops.attention(good, good, good, cu_seqlens=cu_seqlens, max_seqlen=8, softmax_scale=float("inf"))
+    with pytest.raises(ValueError, match="head_dim must be 64 or 128, got 32"):  # csrc/bindings.cpp
+        flash_attention_varlen(good[..., :32], good[..., :32], good[..., :32], cu_seqlens, 8)
+    with pytest.raises(ValueError, match="rng_state must have shape"):
+        flash_attention_varlen(good, good, good, cu_seqlens, 8, dropout_p=0.1, rng_state=torch.tensor([1]))
+
+
+def test_a_view_not_contiguous_along_head_dim_is_copied_for_the_kernel(emulated_flash):
+    q = torch.randn(8, 64, 2, dtype=torch.bfloat16).transpose(1, 2)
+    out = flash_attention_varlen(q, q, q, cu_seqlens_of([8]), 8)
+    torch.testing.assert_close(out, reference_attention(q, q, q, cu_seqlens_of([8])), atol=2e-2, rtol=0)
+
+
+def test_unsupported_reason_is_asked_once_per_call(emulated_flash, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_kernel, "unsupported_reason", _counting(attention_kernel.unsupported_reason, calls))
+    q = torch.randn(2, 8, 2, 64, dtype=torch.bfloat16)
+    ops.attention(q, q, q, key_padding_mask=torch.ones(2, 8, dtype=torch.bool))
+    assert len(calls) == 1
 
 
 def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):
     q, k, v = (torch.randn(2, 9, 2, 48) for _ in "qkv")  # float32, head_dim 48: not the kernels'
-    assert flash_attention.unsupported_reason(q) is not None
+    assert attention_kernel.unsupported_reason(q) is not None
     out = ops.attention(q, k, v)
     ops.set_backend("reference")
     torch.testing.assert_close(out, ops.attention(q, k, v))
@@ -414,15 +429,15 @@ def test_deterministic_mode_trains_on_sdpa(emulated_flash):
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16, requires_grad=True)
     torch.use_deterministic_algorithms(True)
     try:
-        assert "deterministic" in flash_attention.unsupported_reason(q)
-        assert flash_attention.unsupported_reason(q.detach()) is None  # inference stays on the kernel
+        assert "deterministic" in attention_kernel.unsupported_reason(q)
+        assert attention_kernel.unsupported_reason(q.detach()) is None  # inference stays on the kernel
     finally:
         torch.use_deterministic_algorithms(False)
 
 
 def test_extension_absent_means_sdpa(monkeypatch):
-    monkeypatch.setattr(flash_attention, "_extension", None)
-    assert "not built" in flash_attention.unsupported_reason(torch.zeros(1, 1, 64, dtype=torch.bfloat16))
+    monkeypatch.setattr(attention_kernel, "_extension", None)
+    assert "not built" in attention_kernel.unsupported_reason(torch.zeros(1, 1, 64, dtype=torch.bfloat16))
 
 
 def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
@@ -444,16 +459,16 @@ def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
 
 
 def test_model_attention_goes_through_the_kernel(emulated_flash, monkeypatch):
+    from helpers import TINY
+
     from spidr_fast.models import SpidR, SpidRConfig
     from spidr_fast.models.components import num_frames
-
-    from conftest import TINY
 
     cfg = SpidRConfig(**{**TINY, "encoder_embed_dim": 128, "encoder_num_heads": 2, "encoder_num_layers": 2})
     model = SpidR(cfg).to(torch.bfloat16).eval()
     waveform = torch.randn(2, 4000, dtype=torch.bfloat16)
     calls = []
-    monkeypatch.setattr(flash_attention, "_forward_op", _counting(flash_attention._forward_op, calls))
+    monkeypatch.setattr(attention_kernel, "_forward_op", _counting(attention_kernel._forward_op, calls))
     frames = int(num_frames(cfg, torch.tensor(4000)))
     padded = torch.arange(frames) < torch.tensor([frames, frames // 2])[:, None]  # the second clip is shorter
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Triton: nearest-codeword assignment of every layer in one launch, with the batch statistics of the EMA update.
+"""Triton: the codebook ops. Nearest-codeword assignment of every layer in one launch, with the batch statistics
+of the EMA update; then the EMA update itself, in place.
 
 Kernels:
     _instance_norm_stats_kernel  mean and 1/std per (layer, utterance, channel) over time, one pass (Chan's merge)
@@ -6,6 +7,8 @@ Kernels:
                                  and in the fast mode atomic adds of the counts and sums
     _statistics_kernel           deterministic mode: counts and sums per (codeword block, channel block) in a
                                  fixed order, as a one-hot matmul kept in registers
+    _ema_update_kernel           the official EMA rule for every codeword assigned at least once, the L·K
+                                 codewords flattened into one axis of programs; the others keep their bits
 
 The rows come either from (L, N, D) already normalised (codebook_assign), or straight from the stacked teacher
 layers (L, B, T, D) through the masked-frame index and the instance-norm statistics (instance_norm_assign), so
@@ -259,3 +262,46 @@ def instance_norm_assign_triton(
     return _launch_assign(
         layers, frame_index, (mean, rstd), codebook, counts, frame_index.numel(), metric, deterministic
     )
+
+
+# --- EMA update ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ema_update_kernel(
+    codebook_ptr, counts_ptr, batch_counts_ptr, batch_sums_ptr, decay, num_codewords, dim,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    batch_counts = tl.load(batch_counts_ptr + k, mask=k < num_codewords, other=0.0)
+    assigned = batch_counts != 0.0  # also false past the end
+    counts = tl.load(counts_ptr + k, mask=assigned)
+    tl.store(counts_ptr + k, decay * counts + (1.0 - decay) * batch_counts, mask=assigned)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        offsets = k[:, None] * dim + d[None, :]
+        mask = assigned[:, None] & (d < dim)[None, :]
+        codebook = tl.load(codebook_ptr + offsets, mask=mask)
+        sums = tl.load(batch_sums_ptr + offsets, mask=mask)
+        tl.store(codebook_ptr + offsets, decay * codebook + (1.0 - decay) * sums, mask=mask)
+
+
+def ema_config(dim: int) -> dict:
+    return dict(BLOCK_K=16, BLOCK_D=min(256, triton.next_power_of_2(dim)), num_warps=4)
+
+
+@register("codebook_ema_update_", "triton")
+def codebook_ema_update_triton(
+    codebook: torch.Tensor, counts: torch.Tensor, batch_counts: torch.Tensor, batch_sums: torch.Tensor, decay: float
+) -> None:
+    if not (codebook.is_contiguous() and counts.is_contiguous()):
+        raise ValueError(
+            f"codebook and counts must be contiguous to be updated in place, got strides {codebook.stride()} and "
+            f"{counts.stride()}"
+        )
+    num_codewords = counts.numel()
+    config = ema_config(codebook.shape[-1])
+    _ema_update_kernel[(triton.cdiv(num_codewords, config["BLOCK_K"]),)](
+        codebook, counts, batch_counts.contiguous(), batch_sums.contiguous(), decay, num_codewords,
+        codebook.shape[-1], **config,
+    )  # fmt: skip

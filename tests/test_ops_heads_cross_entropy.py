@@ -2,21 +2,12 @@
 
 import pytest
 import torch
+from helpers import TOLERANCES, direct
 
 from spidr_fast import ops
 
+
 # Per dtype: tolerance on the loss and on gradients, against float64 (the error PyTorch itself makes).
-TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-def direct(x, weight, bias, labels):
-    logits = torch.einsum("lnd,lkd->lnk", x, weight)
-    if bias is not None:
-        logits = logits + bias.unsqueeze(1)
-    nll = torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return nll.mean(0), torch.softmax(logits, -1).mean(1)
-
-
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize(("num_layers", "num_frames", "num_codewords", "dim"),

@@ -1,7 +1,8 @@
-"""The EMA codebooks, stored so that all layers are updated at once and state dicts match the official.
+"""The EMA codebooks as a module (the `codebook` ops), stored so that all layers are updated at once and state
+dicts match the official.
 
-Each layer keeps the official buffers `codebooks.{i}.codebook` (K, D) and `codebooks.{i}.counts` (K,), but they
-are views into one (L, K, D) and one (L, K) tensor, which the fused ops read and update in place.
+Each layer keeps the official buffers `{i}.codebook` (K, D) and `{i}.counts` (K,) (`codebooks.{i}.…` in a model),
+but they are views into one (L, K, D) and one (L, K) tensor, which the fused ops read and update in place.
 """
 
 import torch
@@ -21,7 +22,7 @@ class Codebook(nn.Module):
         self.register_buffer("counts", counts)
 
 
-class Codebooks(nn.ModuleList):
+class EMACodebooks(nn.ModuleList):
     """L codebooks of K codewords of dimension D, each the running sum `codebook` over running `counts`.
 
     `metric`: "l2" (official: nearest centroid codebook / counts) or "cosine" (most similar centroid).
@@ -49,10 +50,6 @@ class Codebooks(nn.ModuleList):
         self._tie()
         return self
 
-    def assign(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """targets (L, N, D) → labels (L, N), batch_counts (L, K), batch_sums (L, K, D)."""
-        return ops.codebook_assign(targets, self.stacked_codebook, self.stacked_counts, metric=self.metric)
-
     def assign_layers(
         self, layers: Tensor, frame_index: Tensor, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,6 +64,6 @@ class Codebooks(nn.ModuleList):
         ops.codebook_ema_update_(self.stacked_codebook, self.stacked_counts, batch_counts, batch_sums, self.decay)
 
 
-def _retie_after_load(module: Codebooks, _incompatible_keys: object) -> None:
+def _retie_after_load(module: EMACodebooks, _incompatible_keys: object) -> None:
     # A plain load copies into the views; `load_state_dict(assign=True)` replaces them, hence the re-tie.
     module._tie()

@@ -5,16 +5,16 @@ Shapes:
     weight  (L, K, D)  head weights; bias (L, K) or None
     labels  (L, N)     int64 target codewords
 
-The forward and the backward are torch.library custom ops (`torch.ops.spidr_fast.heads_cross_entropy*`), joined
-by `register_autograd`; their implementations ask `_dispatch` which backend runs. Logits are
-scale · x Wᵀ + b: scale is 1 for linear heads, 1 / temperature for cosine heads (x and W normalised first).
+The forward and the backward are custom ops declared by `_dispatch.custom_op`, joined by `register_autograd`.
+Logits are scale · x Wᵀ + b: scale is 1 for linear heads, 1 / temperature for cosine heads (x and W normalised
+first).
 """
 
 import torch
 import torch.nn.functional as F
 
 from spidr_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
-from spidr_fast.ops._dispatch import implementation, register
+from spidr_fast.ops._dispatch import custom_op, register
 
 
 def _reference_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -56,38 +56,19 @@ def _heads_cross_entropy_backward_reference(
     return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), grad.sum(1)
 
 
-@torch.library.custom_op("spidr_fast::heads_cross_entropy", mutates_args=())
-def _heads_cross_entropy_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return implementation("heads_cross_entropy", x.device)(x, weight, bias, labels, scale)
-
-
-@_heads_cross_entropy_op.register_fake
-def _(x, weight, bias, labels, scale):  # noqa: ANN001, ANN202
+def _fake_forward(x, weight, bias, labels, scale):  # noqa: ANN001, ANN202
     num_layers, num_codewords = weight.shape[:2]
-    lse = x.new_empty(labels.shape, dtype=torch.float32)
-    return x.new_empty(labels.shape[1], dtype=torch.float32), x.new_empty((num_layers, num_codewords),
-                                                                          dtype=torch.float32), lse  # fmt: skip
+    loss, lse = x.new_empty(labels.shape[1], dtype=torch.float32), x.new_empty(labels.shape, dtype=torch.float32)
+    return loss, x.new_empty((num_layers, num_codewords), dtype=torch.float32), lse
 
 
-@torch.library.custom_op("spidr_fast::heads_cross_entropy_backward", mutates_args=())
-def _heads_cross_entropy_backward_op(
-    grad_loss: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return implementation("heads_cross_entropy_backward", x.device)(grad_loss, x, weight, bias, labels, lse, scale)
+def _fake_backward(grad_loss, x, weight, *_):  # noqa: ANN001, ANN202
+    grad_bias = weight.new_empty(weight.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_bias
 
 
-@_heads_cross_entropy_backward_op.register_fake
-def _(grad_loss, x, weight, bias, labels, lse, scale):  # noqa: ANN001, ANN202
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(
-        weight.shape[:2], dtype=torch.float32)  # fmt: skip
+_heads_cross_entropy_op = custom_op("heads_cross_entropy", fake=_fake_forward)
+_heads_cross_entropy_backward_op = custom_op("heads_cross_entropy_backward", fake=_fake_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -99,8 +80,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad_loss, _grad_mean_probs, _grad_lse):  # noqa: ANN001, ANN202
     x, weight, bias, labels, lse = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _heads_cross_entropy_backward_op(grad_loss, x, weight, bias, labels, lse,
-                                                                      ctx.scale)  # fmt: skip
+    grad_x, grad_weight, grad_bias = _heads_cross_entropy_backward_op(grad_loss, x, weight, bias, labels, lse, ctx.scale)
     return grad_x, grad_weight, None if bias is None else grad_bias.to(bias.dtype), None, None
 
 

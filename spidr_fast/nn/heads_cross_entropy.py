@@ -1,4 +1,4 @@
-"""L prediction heads over K classes whose logits are never materialised: `ops.heads_cross_entropy` as a module."""
+"""L prediction heads over K classes whose logits are never materialised: the `heads_cross_entropy` op as a module."""
 
 import math
 

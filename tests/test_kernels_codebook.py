@@ -1,4 +1,5 @@
-"""Triton codebook assignment (plain and fused with the instance norm) against float64, on fresh random inputs.
+"""Triton codebook ops against float64, on fresh random inputs: the assignment (plain and fused with the instance
+norm) and the EMA update of all layers in one launch.
 
 A covering set rather than the product: every N, K, D, L and dtype of the issue appears, and both metrics and both
 ways of summing the statistics (atomic, deterministic) across the cases."""
@@ -6,7 +7,7 @@ ways of summing the statistics (atomic, deterministic) across the cases."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_codebook import random_codebooks
+from helpers import random_codebooks
 
 from spidr_fast import ops
 
@@ -138,3 +139,39 @@ def test_statistics_are_views_of_one_flat_buffer(triton_device):
     _, batch_counts, batch_sums = ops.codebook_assign(torch.randn(2, 9, 64, device=triton_device), codebook, counts)
     assert batch_counts.untyped_storage().data_ptr() == batch_sums.untyped_storage().data_ptr()
     assert batch_sums.storage_offset() == batch_counts.numel()
+
+
+# --- EMA update -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_layers", "num_codewords", "dim"), [(1, 17, 64), (8, 256, 768), (8, 1024, 80)])
+def test_codebook_ema_update_kernel(triton_device, num_layers, num_codewords, dim):
+    codebook, counts = random_codebooks(num_layers, num_codewords, dim)
+    batch_counts = torch.randint(0, 3, (num_layers, num_codewords)).float()  # a third never assigned
+    batch_sums = torch.randn(num_layers, num_codewords, dim) * batch_counts.unsqueeze(-1)
+    decay, assigned = 0.9, batch_counts != 0
+    expected_counts = torch.where(assigned, decay * counts.double() + (1 - decay) * batch_counts.double(), counts)
+    expected_codebook = torch.where(
+        assigned.unsqueeze(-1), decay * codebook.double() + (1 - decay) * batch_sums.double(), codebook
+    )
+    on = lambda t: t.to(triton_device)  # noqa: E731
+    got_codebook, got_counts = on(codebook), on(counts)
+    ops.codebook_ema_update_(got_codebook, got_counts, on(batch_counts), on(batch_sums), decay)
+
+    torch.testing.assert_close(got_counts.cpu(), expected_counts.float())  # float32 tolerances
+    torch.testing.assert_close(got_codebook.cpu(), expected_codebook.float())
+    assert torch.equal(got_counts.cpu()[~assigned], counts[~assigned])  # bit for bit
+    assert torch.equal(got_codebook.cpu()[~assigned], codebook[~assigned])
+
+
+def test_update_reads_the_flat_statistics_of_the_assignment(triton_device):
+    """The assignment's statistics (views of one flat buffer) feed the update directly; it matches the reference."""
+    codebook, counts = (t.to(triton_device) for t in random_codebooks(8, 17, 64))
+    x = torch.randn(8, 37, 64, device=triton_device)
+    _, batch_counts, batch_sums = ops.codebook_assign(x, codebook, counts)
+    expected_codebook, expected_counts = codebook.clone(), counts.clone()
+    ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.99)
+    ops.set_backend("reference")
+    ops.codebook_ema_update_(expected_codebook, expected_counts, batch_counts, batch_sums, 0.99)
+    torch.testing.assert_close(codebook, expected_codebook)
+    torch.testing.assert_close(counts, expected_counts)
