@@ -86,9 +86,8 @@ step() {  # step NAME LOG TIMEOUT_S COMMAND...: run with a time limit, append to
 # Every gpu test, then the Triton kernels' own tests (on CUDA when there is one); the second runs even when the first
 # fails. Under SPIDR_FAST_REQUIRE_GPU=1 a gpu test that skips fails (tests/conftest.py).
 GPU_TESTS='XDIST=$(python3 -c "import xdist" 2> /dev/null && echo "-n 4")
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_flash_attention.py tests/test_gpu_parity.py; first=$?
-python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_codebook_assign.py tests/test_kernels_codebook_ema.py \
-  tests/test_kernels_heads_cross_entropy.py; second=$?
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_attention.py tests/test_gpu_parity.py; first=$?
+python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_codebook.py tests/test_kernels_heads_cross_entropy.py; second=$?
 exit $((first | second))'
 
 write_summary
@@ -149,7 +148,7 @@ else
   # failed in torch 2.11's inductor after two minutes).
   step train_step bench.log 300 python3 benchmarks/train_step.py --variants compiled \
     --output "$RESULTS/train_step_compiled.json"
-  step kernels bench.log 80 python3 benchmarks/kernels.py --variants compiled --only targets ema heads \
+  step kernels bench.log 80 python3 benchmarks/kernels.py --variants compiled --only codebook heads_cross_entropy \
     --output "$RESULTS/kernels_compiled.json"
 fi
 python3 -c "import spidr.models" 2> /dev/null || echo "official spidr not importable: official columns absent" \

@@ -8,13 +8,16 @@ has one, and the public alternatives, at the SpidR shapes and over a sweep of si
 "reference compiled" compiles the plain-PyTorch reference functions themselves (not the custom ops, which
 torch.compile treats as opaque calls). Every row is printed and saved the moment it is measured.
 
-Ops and what is counted (the minimum traffic or the useful FLOPs, by the usual conventions):
-  codebook targets   instance norm + masked-frame selection + nearest codeword + batch statistics, 8 layers;
-                     bytes = the teacher layers read once + the codebooks; FLOPs = 2·L·N·K·D (the distances,
-                     which bound it on an H100: share of peak is then against the bf16 matmul rate)
-  ema update         in place over 8 layers; bytes = codebook and counts read and written, statistics read
-  heads CE fwd+bwd   8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
-  attention fwd      FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
+Cases, named by the op's stem (`--only` takes the stems), and what is counted (the minimum traffic or the useful
+FLOPs, by the usual conventions):
+  codebook assign              instance_norm_assign: instance norm + masked-frame selection + nearest codeword +
+                               batch statistics, 8 layers; bytes = the teacher layers read once + the codebooks;
+                               FLOPs = 2·L·N·K·D (the distances, which bound it on an H100: share of peak is then
+                               against the bf16 matmul rate)
+  codebook update              codebook_ema_update_, in place over 8 layers; bytes = codebook and counts read and
+                               written, statistics read
+  heads_cross_entropy fwd+bwd  8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
+  attention fwd                FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
 """
 
 import argparse
@@ -37,6 +40,7 @@ from spidr_fast.ops.kernels import attention as attention_kernel  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
 VARIANTS = ("eager", "compiled")
+STEMS = ("codebook", "heads_cross_entropy", "attention")
 RUN = {"eager"}  # which variants this run measures: "eager" (everything not compiled), "compiled"
 
 
@@ -54,7 +58,7 @@ def _time(results, case, shape, impl, fn, device, **counts):
     results.add(case, shape, impl, ms, note=failure or "", **counts)
 
 
-def bench_codebook_targets(results, device, frames_list, dtype, official):
+def bench_codebook_assign(results, device, frames_list, dtype, official):
     for batch, frames in frames_list:
         n = int(0.6 * batch * frames)  # about the official masked share
         layers = torch.randn(LAYERS, batch, frames, DIM, device=device, dtype=dtype)
@@ -78,7 +82,7 @@ def bench_codebook_targets(results, device, frames_list, dtype, official):
         if official is not None:
             impls["official eager"] = functools.partial(_official_targets, official, layers, frame_index, codebook)
         for impl, fn in _select(impls, {"reference compiled": reference_inline}).items():
-            _time(results, "codebook targets", shape, impl, fn, device, bytes_moved=nbytes, flops=flops)
+            _time(results, "codebook assign", shape, impl, fn, device, bytes_moved=nbytes, flops=flops)
 
 
 def _official_targets(official, layers, frame_index, codebook):
@@ -101,7 +105,7 @@ def _official_codebooks(official, codebook):
     return _official_codebooks_for(official, codebook.device, codebook.shape[2], codebook.shape[1], codebook.shape[0])
 
 
-def bench_ema_update(results, device, official):
+def bench_codebook_update(results, device, official):
     codebook = torch.randn(LAYERS, CODEWORDS, DIM, device=device)
     counts = torch.rand(LAYERS, CODEWORDS, device=device) + 1
     batch_counts = torch.randint(0, 3, (LAYERS, CODEWORDS), device=device).float()
@@ -120,10 +124,10 @@ def bench_ema_update(results, device, official):
         codebooks = _official_codebooks(official, codebook)
         impls["official eager"] = lambda: [cb.update(c, m) for cb, c, m in zip(codebooks, batch_counts, batch_sums)]
     for impl, fn in _select(impls, {"reference compiled": update_inline}).items():
-        _time(results, "ema update", shape, impl, fn, device, bytes_moved=nbytes)
+        _time(results, "codebook update", shape, impl, fn, device, bytes_moved=nbytes)
 
 
-def bench_heads(results, device, sizes, dtype):
+def bench_heads_cross_entropy(results, device, sizes, dtype):
     for n in sizes:
         x = torch.randn(LAYERS, n, DIM, device=device, dtype=dtype, requires_grad=True)
         weight = (torch.randn(LAYERS, CODEWORDS, DIM, device=device, dtype=dtype) * DIM**-0.5).requires_grad_()
@@ -145,7 +149,7 @@ def bench_heads(results, device, sizes, dtype):
         if hasattr(F, "linear_cross_entropy"):
             impls["F.linear_cross_entropy"] = linear_cross_entropy
         elif "eager" in RUN:
-            results.add("heads CE fwd+bwd", shape, "F.linear_cross_entropy", None,
+            results.add("heads_cross_entropy fwd+bwd", shape, "F.linear_cross_entropy", None,
                         note=f"not in torch {torch.__version__}")  # fmt: skip
         # The backward of a compiled forward is compiled too (AOT autograd); compile it here, not in _select.
         compiled = {}
@@ -154,7 +158,7 @@ def bench_heads(results, device, sizes, dtype):
                 lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False)
             compiled["reference compiled"] = lambda: reference_loss().backward()
         for impl, fn in {**_select(impls), **compiled}.items():
-            _time(results, "heads CE fwd+bwd", shape, impl, fn, device, flops=flops)
+            _time(results, "heads_cross_entropy fwd+bwd", shape, impl, fn, device, flops=flops)
 
 
 def bench_attention(results, device, frames_list, dtype, heads, head_dim):
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--variants", choices=(*VARIANTS, "all"), default=None,
                         help="eager rows, torch.compile rows, or both (default: both on a GPU, eager in a smoke run)")
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
-    parser.add_argument("--only", nargs="*", default=None, help="cases to run: targets ema heads attention")
+    parser.add_argument("--only", nargs="*", choices=STEMS, default=None, help="the ops to measure (default: all)")
     args = parser.parse_args(argv)
     global LAYERS, DIM, CODEWORDS, RUN  # noqa: PLW0603 - the sizes and variants of this run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> Results:
     name = "kernels" if "eager" in RUN else "kernels_compiled"  # one results file per call of the device check
     results = Results(name, device, measure_peaks(device), None if args.output is None else Path(args.output))
     results.extra["official_spidr"] = "0.2.0 imported" if official else "not importable: official columns absent"
-    only = set(args.only or ["targets", "ema", "heads", "attention"])
+    only = set(args.only or STEMS)
     if smoke:  # SpidR's channel counts, few frames: every path runs, quickly, also in Triton's interpreter
         LAYERS, DIM, CODEWORDS = 2, 64, 16
         frames_list, head_sizes, attention_list = [(2, 37)], [53], [(2, 40)]
@@ -228,12 +232,11 @@ def main(argv: list[str] | None = None) -> Results:
         frames_list = [(48, 250), (24, 500), (12, 1000)]  # about 12k frames: the official per-GPU batch
         head_sizes = [1024, 7200, 16384]
         attention_list = [(48, 250), (24, 500), (12, 1000)]
-    if "targets" in only:
-        bench_codebook_targets(results, device, frames_list, dtype, official)
-    if "ema" in only:
-        bench_ema_update(results, device, official)
-    if "heads" in only:
-        bench_heads(results, device, head_sizes, dtype)
+    if "codebook" in only:
+        bench_codebook_assign(results, device, frames_list, dtype, official)
+        bench_codebook_update(results, device, official)
+    if "heads_cross_entropy" in only:
+        bench_heads_cross_entropy(results, device, head_sizes, dtype)
     if "attention" in only and "eager" in RUN:  # attention has no compiled variant: SDPA's backends are the bar
         bench_attention(results, device, attention_list, dtype, heads=12 if not smoke else 2, head_dim=64)
     results.write()

@@ -11,9 +11,9 @@ def test_kernels_smoke_run_writes_results(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["cpu_smoke_run"] is (payload["environment"]["device"].startswith("CPU"))
     impls = {(row["case"], row["impl"]) for row in payload["rows"] if row["ms"] is not None}
-    for case in ("codebook targets", "ema update", "heads CE fwd+bwd"):
+    for case in ("codebook assign", "codebook update", "heads_cross_entropy fwd+bwd"):
         assert (case, "fused (triton)") in impls and (case, "reference eager") in impls
-    assert ("heads CE fwd+bwd", "F.linear_cross_entropy") in impls
+    assert ("heads_cross_entropy fwd+bwd", "F.linear_cross_entropy") in impls
 
 
 def test_input_pipeline_smoke_run_measures_every_decoding_mode(tmp_path):
