@@ -36,8 +36,11 @@ def corpus_features(utterances: int, num_units: int) -> tuple[dict[str, tuple[fl
     units = kmeans_units(torch.cat(list(cepstra.values())), num_units).split([len(c) for c in cepstra.values()])
     one_hot = {name: torch.nn.functional.one_hot(u, num_units).float() for name, u in zip(names, units, strict=True)}
     rate = SAMPLE_RATE / LABEL_HOP
-    features = {"log-mel 100 Hz": (rate, mel), "MFCC 50 Hz": (rate / 2, cepstra),
-                f"{num_units} units 50 Hz": (rate / 2, one_hot)}  # fmt: skip
+    features = {
+        "log-mel 100 Hz": (rate, mel),
+        "MFCC 50 Hz": (rate / 2, cepstra),
+        f"{num_units} units 50 Hz": (rate / 2, one_hot),
+    }
     return features, items
 
 
@@ -50,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     if not abx.fastabx_available():
         raise SystemExit("fastabx is not importable: it needs Python >= 3.12 (pip install -e '.[abx]')")
     torch.set_num_threads(1)  # the built-in's many small ops: threads only add contention on a shared CPU
-    print("| features | speaker | context | utterances | items scored | built-in % | fastabx % | difference | "
-          "built-in s | fastabx s |\n" + "| --- " * 10 + "|")  # fmt: skip
+    print(
+        "| features | speaker | context | utterances | items scored | built-in % | fastabx % | difference | "
+        "built-in s | fastabx s |\n" + "| --- " * 10 + "|"
+    )
     for context, utterances in (("within", args.utterances), ("any", args.utterances_any)):
         features, items = corpus_features(utterances, args.units)
         for name, (frequency, store) in features.items():
@@ -63,10 +68,16 @@ def main(argv: list[str] | None = None) -> None:
                 fast = abx.fastabx_error_rates(store, kept, frequency, context=context, speakers=[speaker])[speaker]
                 end = time.perf_counter()
                 used = len(abx.cell_items(abx.abx_cells(kept, speaker=speaker, context=context)))
-                scores = "no cell | no cell | |" if builtin is None else (
-                    f"{100 * builtin:.4f} | {100 * fast:.4f} | {100 * (builtin - fast):+.1e} |")
-                print(f"| {name} | {speaker} | {context} | {utterances} | {used} of {len(kept)} | {scores} "
-                      f"{middle - start:.1f} | {end - middle:.1f} |", flush=True)  # fmt: skip
+                scores = (
+                    "no cell | no cell | |"
+                    if builtin is None
+                    else (f"{100 * builtin:.4f} | {100 * fast:.4f} | {100 * (builtin - fast):+.1e} |")
+                )
+                print(
+                    f"| {name} | {speaker} | {context} | {utterances} | {used} of {len(kept)} | {scores} "
+                    f"{middle - start:.1f} | {end - middle:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -94,8 +94,12 @@ def environment(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = "unknown"
     return info
@@ -134,12 +138,23 @@ class Results:
             self.smoke = self.device.type != "cuda"
         if self.smoke:
             print(CPU_DISCLAIMER)
-        print(f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
-              f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s")  # fmt: skip
+        print(
+            f"peaks measured here: copy {self.peaks.copy_gb_per_s:.0f} GB/s, "
+            f"bf16 matmul {self.peaks.bf16_matmul_tflop_per_s:.1f} TFLOP/s"
+        )
         print(_HEADER)
 
-    def add(self, case: str, shape: str, impl: str, ms: float | None, *, bytes_moved: float | None = None,
-            flops: float | None = None, note: str = "") -> Row:  # fmt: skip
+    def add(
+        self,
+        case: str,
+        shape: str,
+        impl: str,
+        ms: float | None,
+        *,
+        bytes_moved: float | None = None,
+        flops: float | None = None,
+        note: str = "",
+    ) -> Row:
         row = Row(case, shape, impl, ms, note=note)
         if ms is not None and bytes_moved is not None:
             row.gb_per_s = bytes_moved / ms / 1e6
@@ -170,9 +185,15 @@ class Results:
             folder = SMOKE_DIR if self.smoke else RESULTS_DIR  # smoke runs are not committed
             path = self.output = folder / f"{self.benchmark}-{card}-{str(env['date'])[:10]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"benchmark": self.benchmark, "environment": env, "command": _portable_command(),
-                   "peaks": asdict(self.peaks), "cpu_smoke_run": self.smoke,
-                   "rows": [asdict(r) for r in self.rows], **self.extra}  # fmt: skip
+        payload = {
+            "benchmark": self.benchmark,
+            "environment": env,
+            "command": _portable_command(),
+            "peaks": asdict(self.peaks),
+            "cpu_smoke_run": self.smoke,
+            "rows": [asdict(r) for r in self.rows],
+            **self.extra,
+        }
         partial = path.with_name(path.name + ".partial")  # a kill mid-write leaves the previous file whole
         partial.write_text(json.dumps(payload, indent=2) + "\n")
         partial.replace(path)
@@ -199,8 +220,10 @@ _HEADER = f"{'case':<26} {'shape':<30} {'impl':<34} {'ms':>9} {'GB/s':>8} {'TFLO
 def _format_row(row: Row) -> str:
     fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
     note = f"  {row.note}" if row.note else ""
-    return (f"{row.case:<26} {row.shape:<30} {row.impl:<34} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
-            f"{fmt(row.tflop_per_s, '.1f', 8)} {fmt(row.share_of_peak, '.0%', 6)}{note}")  # fmt: skip
+    return (
+        f"{row.case:<26} {row.shape:<30} {row.impl:<34} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
+        f"{fmt(row.tflop_per_s, '.1f', 8)} {fmt(row.share_of_peak, '.0%', 6)}{note}"
+    )
 
 
 def on_backend(backend: str | None, fn: Callable[[], object], **per_op: str) -> Callable[[], object]:

@@ -45,8 +45,9 @@ SMOKE_CORPUS = {"smoke": (4, 2.0, 4.0, None)}
 MODES = ("crop only", "whole files", "normalize")
 
 
-def write_corpus(folder: Path, audio_format: str, files: int, shortest: float, longest: float,
-                 mean: float | None) -> Path:  # fmt: skip
+def write_corpus(
+    folder: Path, audio_format: str, files: int, shortest: float, longest: float, mean: float | None
+) -> Path:
     """Files of the wanted lengths, cut from concatenated synthetic utterances; reused when already written."""
     import soundfile
 
@@ -54,8 +55,11 @@ def write_corpus(folder: Path, audio_format: str, files: int, shortest: float, l
     if manifest.is_file():
         return manifest
     rng = np.random.default_rng(0)
-    seconds = rng.uniform(shortest, longest, files) if mean is None else np.clip(rng.normal(mean, 4.0, files),
-                                                                                   shortest, longest)  # fmt: skip
+    seconds = (
+        rng.uniform(shortest, longest, files)
+        if mean is None
+        else np.clip(rng.normal(mean, 4.0, files), shortest, longest)
+    )
     corpus = SyntheticCorpus(num_utterances=16)
     pieces = [corpus.waveform(i) for i in range(corpus.num_utterances)]
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,8 +88,9 @@ class WholeFileSource(AudioSource):
 def build(manifest: Path, mode: str, workers: int) -> DataLoader:
     cfg = DataConfig(manifest=str(manifest), normalize=mode == "normalize", num_workers=workers)
     source = (WholeFileSource if mode == "whole files" else AudioSource)(manifest)
-    return build_loader(cfg, MaskingConfig(), partial(num_frames, SpidRConfig()), source=source,
-                        pin_memory=torch.cuda.is_available())  # pinning needs a GPU (the training loop pins)
+    return build_loader(
+        cfg, MaskingConfig(), partial(num_frames, SpidRConfig()), source=source, pin_memory=torch.cuda.is_available()
+    )  # pinning needs a GPU (the training loop pins)
 
 
 def timed_pass(loader: DataLoader, min_seconds: float) -> tuple[float, float]:
@@ -111,8 +116,10 @@ def compare_modes(manifest: Path, *, workers: int, repeats: int, min_seconds: fl
     for _ in range(repeats):
         for mode, loader in loaders.items():
             passes[mode].append(timed_pass(loader, min_seconds))
-    return {mode: (statistics.median(r for r, _ in runs), statistics.median(ms for _, ms in runs))
-            for mode, runs in passes.items()}  # fmt: skip
+    return {
+        mode: (statistics.median(r for r, _ in runs), statistics.median(ms for _, ms in runs))
+        for mode, runs in passes.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> Results:
@@ -123,8 +130,13 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
-    results = Results("input_pipeline", device, measure_peaks(device), None if args.output is None else
-                      Path(args.output), smoke=args.smoke)  # fmt: skip
+    results = Results(
+        "input_pipeline",
+        device,
+        measure_peaks(device),
+        None if args.output is None else Path(args.output),
+        smoke=args.smoke,
+    )
     corpora = SMOKE_CORPUS if args.smoke else CORPORA
     repeats, min_seconds = (1, 0.0) if args.smoke else (args.repeats, 2.0)
     needed = {"official step": BATCH_SAMPLES / SAMPLE_RATE / OFFICIAL_STEP_S}
@@ -142,8 +154,13 @@ def main(argv: list[str] | None = None) -> Results:
                 rate /= args.workers
                 per_worker[f"{corpus}, {audio_format}, {mode}"] = rate
                 workers = ", ".join(f"{need / rate:.1f} at {name}" for name, need in needed.items())
-                results.add(f"{corpus}, {audio_format}", f"{BATCH_SAMPLES / 1e6:.1f}M samples/batch", mode, ms,
-                            note=f"{rate:.0f} audio-s/s per worker; workers per GPU: {workers}")  # fmt: skip
+                results.add(
+                    f"{corpus}, {audio_format}",
+                    f"{BATCH_SAMPLES / 1e6:.1f}M samples/batch",
+                    mode,
+                    ms,
+                    note=f"{rate:.0f} audio-s/s per worker; workers per GPU: {workers}",
+                )
     results.extra["audio_seconds_per_second_per_worker"] = per_worker
     results.extra["workers"] = args.workers
     results.write()

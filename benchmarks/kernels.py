@@ -89,8 +89,9 @@ def _official_targets(official, layers, frame_index, codebook):
     """The official path: per layer, instance norm over time, masked-frame selection, Codebooks.quantize (with its
     statistics and update)."""
     codebooks = _official_codebooks(official, codebook)
-    targets = [F.instance_norm(layer.float().transpose(1, 2)).transpose(1, 2).flatten(0, 1)[frame_index]
-               for layer in layers]  # fmt: skip
+    targets = [
+        F.instance_norm(layer.float().transpose(1, 2)).transpose(1, 2).flatten(0, 1)[frame_index] for layer in layers
+    ]
     return codebooks.quantize(targets)
 
 
@@ -141,21 +142,32 @@ def bench_heads_cross_entropy(results, device, sizes, dtype):
             loss.sum().backward()
 
         def linear_cross_entropy():  # torch's public fused alternative, one head at a time
-            loss = sum(F.linear_cross_entropy(x[i], weight[i], labels[i], linear_bias=bias[i], reduction="sum")
-                       for i in range(LAYERS))  # fmt: skip
+            loss = sum(
+                F.linear_cross_entropy(x[i], weight[i], labels[i], linear_bias=bias[i], reduction="sum")
+                for i in range(LAYERS)
+            )
             loss.backward()
 
-        impls = {"fused (triton)": on_backend("triton", fused_step), "reference eager": on_backend("reference", fused_step)}
+        impls = {
+            "fused (triton)": on_backend("triton", fused_step),
+            "reference eager": on_backend("reference", fused_step),
+        }
         if hasattr(F, "linear_cross_entropy"):
             impls["F.linear_cross_entropy"] = linear_cross_entropy
         elif "eager" in RUN:
-            results.add("heads_cross_entropy fwd+bwd", shape, "F.linear_cross_entropy", None,
-                        note=f"not in torch {torch.__version__}")  # fmt: skip
+            results.add(
+                "heads_cross_entropy fwd+bwd",
+                shape,
+                "F.linear_cross_entropy",
+                None,
+                note=f"not in torch {torch.__version__}",
+            )
         # The backward of a compiled forward is compiled too (AOT autograd); compile it here, not in _select.
         compiled = {}
         if "compiled" in RUN:
             reference_loss = torch.compile(
-                lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False)
+                lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0)[0].sum(), dynamic=False
+            )
             compiled["reference compiled"] = lambda: reference_loss().backward()
         for impl, fn in {**_select(impls), **compiled}.items():
             _time(results, "heads_cross_entropy fwd+bwd", shape, impl, fn, device, flops=flops)
@@ -167,8 +179,9 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
     for batch, frames in frames_list:
         shape = f"B{batch} T{frames} H{heads} d{head_dim}"
         flops_forward = 4 * batch * frames**2 * heads * head_dim
-        q, k, v = (torch.randn(batch, frames, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in "qkv")  # fmt: skip
+        q, k, v = (
+            torch.randn(batch, frames, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in "qkv"
+        )
         grad = torch.randn_like(q)
         cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=device)
         packed = [t.detach().flatten(0, 1).requires_grad_() for t in (q, k, v)]
@@ -184,9 +197,12 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
             return run
 
         impls = {"ours (csrc)": (ours, packed, grad.flatten(0, 1))}
-        for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
-                              ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA math", SDPBackend.MATH)):  # fmt: skip
+        for name, backend in (
+            ("SDPA flash", SDPBackend.FLASH_ATTENTION),
+            ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+            ("SDPA math", SDPBackend.MATH),
+        ):
             if device.type == "cuda" and backend == SDPBackend.MATH:
                 continue
             impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
@@ -209,8 +225,12 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
 def main(argv: list[str] | None = None) -> Results:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
-    parser.add_argument("--variants", choices=(*VARIANTS, "all"), default=None,
-                        help="eager rows, torch.compile rows, or both (default: both on a GPU, eager in a smoke run)")
+    parser.add_argument(
+        "--variants",
+        choices=(*VARIANTS, "all"),
+        default=None,
+        help="eager rows, torch.compile rows, or both (default: both on a GPU, eager in a smoke run)",
+    )
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
     parser.add_argument("--only", nargs="*", choices=STEMS, default=None, help="the ops to measure (default: all)")
     args = parser.parse_args(argv)

@@ -42,9 +42,15 @@ def table(results: list[dict]) -> str:
     lines = []
     for payload in results:
         env = payload["environment"]
-        peaks = "" if str(env["device"]).startswith("CPU") else (  # a benchmark of CPU work rates no GPU peak
-            f"; measured peaks: copy {payload['peaks']['copy_gb_per_s']:.0f} GB/s, bf16 matmul "
-            f"{payload['peaks']['bf16_matmul_tflop_per_s']:.0f} TFLOP/s")
+        peaks = (
+            ""
+            if str(env["device"]).startswith("CPU")
+            # a benchmark of CPU work rates no GPU peak
+            else (
+                f"; measured peaks: copy {payload['peaks']['copy_gb_per_s']:.0f} GB/s, bf16 matmul "
+                f"{payload['peaks']['bf16_matmul_tflop_per_s']:.0f} TFLOP/s"
+            )
+        )
         lines += [
             f"**{payload['benchmark']}** on {env['device']}, {env['date'][:10]}, commit {env['commit'][:10]}, "
             f"torch {env['torch']}, triton {env['triton']} (`benchmarks/results/{payload['file']}`){peaks}.",

@@ -39,16 +39,22 @@ def test_codebook_targets(benchmark, backend):
     layers = torch.randn(L, 3, N, D, device=DEVICE)
     frame_index = torch.arange(0, 3 * N, 2, device=DEVICE)
     codebook, counts = torch.randn(L, K, D, device=DEVICE), torch.ones(L, K, device=DEVICE)
-    benchmark.pedantic(_synchronised(lambda: ops.instance_norm_assign(layers, frame_index, codebook, counts)),
-                       rounds=5, warmup_rounds=1)  # fmt: skip
+    benchmark.pedantic(
+        _synchronised(lambda: ops.instance_norm_assign(layers, frame_index, codebook, counts)),
+        rounds=5,
+        warmup_rounds=1,
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_codebook_ema_update(benchmark, backend):
     codebook, counts = torch.randn(L, K, D, device=DEVICE), torch.ones(L, K, device=DEVICE)
     batch_counts, batch_sums = torch.ones(L, K, device=DEVICE), torch.randn(L, K, D, device=DEVICE)
-    benchmark.pedantic(_synchronised(lambda: ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)),
-                       rounds=5, warmup_rounds=1)  # fmt: skip
+    benchmark.pedantic(
+        _synchronised(lambda: ops.codebook_ema_update_(codebook, counts, batch_counts, batch_sums, 0.9)),
+        rounds=5,
+        warmup_rounds=1,
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)

@@ -40,11 +40,11 @@ from spidr_fast.models.components import num_frames  # noqa: E402
 from spidr_fast.train.loop import compile_encoders  # noqa: E402
 
 TOTAL_STEPS = 400_000
-SMOKE_CONFIG = dict(
-    extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)], encoder_embed_dim=128,
-    encoder_num_heads=2, encoder_num_layers=4, encoder_ff_interm_features=256, encoder_pos_conv_kernel=16,
-    encoder_pos_conv_groups=4, encoder_pos_conv_depth=2, codebook_size=32, num_codebooks=2,
-)  # fmt: skip
+# SpidR's layout at toy sizes: three 32-channel convolutions, four 128-wide layers of two heads.
+SMOKE_EXTRACTOR = dict(extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)])
+SMOKE_ENCODER = dict(encoder_embed_dim=128, encoder_num_heads=2, encoder_num_layers=4, encoder_ff_interm_features=256)
+SMOKE_POSITIONS = dict(encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_pos_conv_depth=2)
+SMOKE_CONFIG = SMOKE_EXTRACTOR | SMOKE_ENCODER | SMOKE_POSITIONS | dict(codebook_size=32, num_codebooks=2)
 
 
 def step_flops(cfg: SpidRConfig, batch: int, samples: int, masked: int) -> dict[str, float]:
@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
     parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 12 on a GPU)")
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default: 20 s on a GPU)")
-    parser.add_argument("--variants", choices=("eager", "compiled", "all"), default=None,
-                        help="eager variants and the phase breakdown, compiled variants, or both "
-                             "(default: both on a GPU; a smoke run compiles nothing)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        choices=("eager", "compiled", "all"),
+        default=None,
+        help="eager variants and the phase breakdown, compiled variants, or both "
+        "(default: both on a GPU; a smoke run compiles nothing)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. 'official compiled'")
     parser.add_argument("--output", type=str, default=None)
     args = parser.parse_args(argv)
@@ -270,8 +274,10 @@ def main(argv: list[str] | None = None) -> Results:
     for part, value in flops.items():
         print(f"  {part:<30} {value / 1e12:9.3f} TFLOP")
     for ops_name, phases in breakdowns.items():
-        print(f"breakdown of our eager step on the {ops_name} (ms; one process, so no communication: DDP adds the "
-              "gradient buckets' all-reduce and one flat codebook all-reduce per step):")
+        print(
+            f"breakdown of our eager step on the {ops_name} (ms; one process, so no communication: DDP adds the "
+            "gradient buckets' all-reduce and one flat codebook all-reduce per step):"
+        )
         for part, ms in phases.items():
             print(f"  {part:<30} {ms:9.2f}")
     results.write()

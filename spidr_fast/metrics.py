@@ -6,8 +6,9 @@ import numpy as np
 MAX_LENGTH_MISMATCH = 2  # frames; the feature extractor drops a few samples at the end of each file
 
 
-def joint_counts(phones: list[np.ndarray], units: list[np.ndarray], num_phones: int, num_units: int,
-                 repeat: int = 2) -> np.ndarray:  # fmt: skip
+def joint_counts(
+    phones: list[np.ndarray], units: list[np.ndarray], num_phones: int, num_units: int, repeat: int = 2
+) -> np.ndarray:
     """(num_phones, num_units) co-occurrence counts of 10 ms phone labels and units repeated `repeat` times
     (20 ms units against 10 ms labels)."""
     counts = np.zeros((num_phones, num_units), dtype=np.int64)
@@ -52,6 +53,8 @@ def bitrate(counts: np.ndarray, units_per_second: float) -> float:
 
 def describe(quality: dict[str, float]) -> str:
     """One line of the `unit_quality` scores that the summaries print."""
-    return (f"PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, cluster purity "
-            f"{quality['cluster_purity']:.3f}, unit perplexity {quality['unit_perplexity']:.1f} "
-            f"({quality['active_units']} active)")  # fmt: skip
+    return (
+        f"PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, cluster purity "
+        f"{quality['cluster_purity']:.3f}, unit perplexity {quality['unit_perplexity']:.1f} "
+        f"({quality['active_units']} active)"
+    )

@@ -14,8 +14,11 @@ TRAINING_PANELS = (
     ("prediction perplexity", "train", ("pred_ppl",)),
     ("validation PNMI", "valid", ("heads/pnmi", "codebooks/pnmi", "baseline/pnmi")),
 )
-LEGEND = {"heads/pnmi": "student's heads (best layer)", "codebooks/pnmi": "teacher's codebooks (best layer)",
-          "baseline/pnmi": "k-means on MFCC"}  # fmt: skip
+LEGEND = {
+    "heads/pnmi": "student's heads (best layer)",
+    "codebooks/pnmi": "teacher's codebooks (best layer)",
+    "baseline/pnmi": "k-means on MFCC",
+}
 
 
 def pyplot() -> Any:
@@ -47,8 +50,12 @@ def plot_training(metrics_log: Path, path: Path) -> bool:
                 points = [(r["step"], r[key]) for r in records if r["split"] == name and key in r]
                 if points:
                     label = LEGEND.get(key, key) + (f" [{name.split('/', 1)[1]}]" if len(splits) > 1 else "")
-                    ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=label,
-                            linestyle="--" if key.startswith("baseline") else "-")  # fmt: skip
+                    ax.plot(
+                        *zip(*points, strict=True),
+                        marker="." if len(points) < 30 else None,
+                        label=label,
+                        linestyle="--" if key.startswith("baseline") else "-",
+                    )
         if keys == ("loss",):  # the loss of a student that ignores its input and predicts the targets' frequencies
             marginal = [(r["step"], math.log(r["target_ppl"])) for r in records if r["split"] == "train"]
             if marginal:

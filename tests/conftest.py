@@ -22,15 +22,30 @@ if not torch.cuda.is_available():
 OFFICIAL_VERSION = "0.2.0"
 OFFICIAL_CACHE = Path(os.environ.get("SPIDR_OFFICIAL_CACHE", Path.home() / ".cache" / "spidr_fast" / "official"))
 
+
 def _fetch_official() -> Path:
     target = OFFICIAL_CACHE / OFFICIAL_VERSION
     if not (target / "spidr" / "models" / "__init__.py").is_file():
         wheels = target / "wheel"
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"spidr=={OFFICIAL_VERSION}", "--no-deps",
-             "--only-binary=:all:", "--python-version", "3.12", "-d", str(wheels), "-q"],
-            check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"spidr=={OFFICIAL_VERSION}",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.12",
+                "-d",
+                str(wheels),
+                "-q",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         with zipfile.ZipFile(next(wheels.glob("spidr-*.whl"))) as wheel:
             wheel.extractall(target)
     return target

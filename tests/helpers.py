@@ -48,15 +48,35 @@ def batch(model, num_utterances=3, num_masked=40, padded=True):
 
 # 20 ms frames like the real model, everything else tiny.
 TINY_TRAIN = {
-    "run": {"model_type": "spidr", "log_interval": 1, "save_interval": 2, "keep_latest": 2, "compile": False,
-            "validate_interval": 0},
-    "data": {"synthetic_utterances": 12, "num_workers": 0, "max_sample_size": 24_000, "max_batch_length": 60_000,
-             "min_sample_size": 8_000, "num_buckets": 2},
+    "run": {
+        "model_type": "spidr",
+        "log_interval": 1,
+        "save_interval": 2,
+        "keep_latest": 2,
+        "compile": False,
+        "validate_interval": 0,
+    },
+    "data": {
+        "synthetic_utterances": 12,
+        "num_workers": 0,
+        "max_sample_size": 24_000,
+        "max_batch_length": 60_000,
+        "min_sample_size": 8_000,
+        "num_buckets": 2,
+    },
     "model": TINY | {"extractor_conv_layer_config": [[32, 10, 5], [32, 4, 4], [32, 4, 4], [32, 4, 4]]},
     "optimizer": {"max_steps": 4, "warmup_steps": 1, "scheduler": "cosine", "dtype": "float32", "lr": 1e-3},
-    "validation": {"synthetic": {"synthetic_utterances": 3, "synthetic_seed": 1, "num_workers": 0,
-                                 "max_sample_size": 24_000, "max_batch_length": 60_000, "min_sample_size": 8_000,
-                                 "num_buckets": 1}},
+    "validation": {
+        "synthetic": {
+            "synthetic_utterances": 3,
+            "synthetic_seed": 1,
+            "num_workers": 0,
+            "max_sample_size": 24_000,
+            "max_batch_length": 60_000,
+            "min_sample_size": 8_000,
+            "num_buckets": 1,
+        }
+    },
 }
 
 
@@ -68,7 +88,7 @@ def tiny_cli_args(run_dir, *extra):
     args = ["--run-dir", str(run_dir), "--no-progress"]
     for section, fields in TINY_TRAIN.items():
         for name, value in fields.items():
-            for field, leaf in (value.items() if section == "validation" else [(None, value)]):
+            for field, leaf in value.items() if section == "validation" else [(None, value)]:
                 key = f"{section}.{name}" if field is None else f"{section}.{name}.{field}"
                 args.append(f"--set={key}={json.dumps(leaf)}")
     return args + list(extra)
@@ -153,7 +173,9 @@ def dropout_keep_mask(
 
 
 @functools.lru_cache(maxsize=8)  # a test's float32 and low-precision references ask for the same mask
-def _dropout_keep_mask(seed: int, offset: int, heads: int, query_start: int, length: int, dropout_p: float) -> torch.Tensor:
+def _dropout_keep_mask(
+    seed: int, offset: int, heads: int, query_start: int, length: int, dropout_p: float
+) -> torch.Tensor:
     blocks = (length + 1) // 2  # one Philox call per 2x2 block: draw 2*(query & 1) + (key & 1) of its four
     head, query_block, key_block = np.meshgrid(np.arange(heads), np.arange(blocks), np.arange(blocks), indexing="ij")
     counter = np.stack(

@@ -29,6 +29,7 @@ def test_input_pipeline_smoke_run_measures_every_decoding_mode(tmp_path):
     assert len(rates) == 6 and all(rate > 0 for rate in rates.values())
     assert payload["audio_seconds_per_gpu_second"]["official step"] > 1_700  # 3.8M samples per 135 ms step
 
+
 def test_train_step_smoke_run_compares_with_the_official(tmp_path, official):
     out = tmp_path / "train_step.json"
     train_step.main(["--smoke", "--output", str(out)])
@@ -46,13 +47,31 @@ def test_readme_performance_table_is_generated_from_the_results():
 
 
 def test_report_renders_gpu_results_only(tmp_path):
-    row = {"case": "c", "shape": "s", "impl": "i", "ms": 1.0, "gb_per_s": None, "tflop_per_s": 2.0,
-           "share_of_peak": 0.5, "note": ""}  # fmt: skip
-    env = {"device": "NVIDIA H100", "date": "2026-11-27T00:00:00+00:00", "commit": "abc", "torch": "2.11",
-           "triton": "3.6"}  # fmt: skip
+    row = {
+        "case": "c",
+        "shape": "s",
+        "impl": "i",
+        "ms": 1.0,
+        "gb_per_s": None,
+        "tflop_per_s": 2.0,
+        "share_of_peak": 0.5,
+        "note": "",
+    }
+    env = {
+        "device": "NVIDIA H100",
+        "date": "2026-11-27T00:00:00+00:00",
+        "commit": "abc",
+        "torch": "2.11",
+        "triton": "3.6",
+    }
     for name, smoke in (("gpu.json", False), ("cpu.json", True)):
-        payload = {"benchmark": "kernels", "environment": env, "peaks": {"copy_gb_per_s": 3000,
-                   "bf16_matmul_tflop_per_s": 700}, "cpu_smoke_run": smoke, "rows": [row]}  # fmt: skip
+        payload = {
+            "benchmark": "kernels",
+            "environment": env,
+            "peaks": {"copy_gb_per_s": 3000, "bf16_matmul_tflop_per_s": 700},
+            "cpu_smoke_run": smoke,
+            "rows": [row],
+        }
         (tmp_path / name).write_text(json.dumps(payload))
     results = report.newest_gpu_results(tmp_path)
     assert [r["file"] for r in results] == ["gpu.json"]

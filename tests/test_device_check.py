@@ -45,8 +45,9 @@ def device_copy(tmp_path_factory) -> Path:
 def run_check(copy: Path, results: Path, *args: str, **env: str) -> tuple[int, list[str]]:
     environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env)
     environment.pop("OUT", None)
-    done = subprocess.run(["bash", SCRIPT, *args, str(results)], cwd=copy, env=environment, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        ["bash", SCRIPT, *args, str(results)], cwd=copy, env=environment, capture_output=True, text=True, timeout=300
+    )
     return done.returncode, (results / "summary.txt").read_text().splitlines()
 
 
@@ -66,8 +67,16 @@ def test_a_missing_extension_fails_the_import_stage(device_copy, tmp_path):
 
 def test_a_failing_gpu_test_fails_the_tests_stage(device_copy, tmp_path):
     faults = "-x -p device_check_faults"
-    code, summary = run_check(device_copy, tmp_path, "--rehearse", "--only", "tests", PYTEST_ADDOPTS=faults,
-                              PYTHONPATH=str(device_copy / "faults"), DEVICE_CHECK_FAULT="fail")  # fmt: skip
+    code, summary = run_check(
+        device_copy,
+        tmp_path,
+        "--rehearse",
+        "--only",
+        "tests",
+        PYTEST_ADDOPTS=faults,
+        PYTHONPATH=str(device_copy / "faults"),
+        DEVICE_CHECK_FAULT="fail",
+    )
     assert code == 1
     assert summary[0] == "FAIL: tests (rehearse mode)"
     assert "injected: this GPU test fails" in (tmp_path / "check.log").read_text()
@@ -75,9 +84,17 @@ def test_a_failing_gpu_test_fails_the_tests_stage(device_copy, tmp_path):
 
 def test_a_stage_killed_at_its_limit_fails_and_the_check_goes_on(device_copy, tmp_path):
     # The rehearsal's tests stage has 400 s; scaled by 0.01 it has 4 s, and its first test hangs.
-    code, summary = run_check(device_copy, tmp_path, "--rehearse", "--only", "tests,sanitizer",
-                              PYTEST_ADDOPTS="-p device_check_faults", PYTHONPATH=str(device_copy / "faults"),
-                              DEVICE_CHECK_FAULT="hang", DEVICE_CHECK_LIMIT_SCALE="0.01")  # fmt: skip
+    code, summary = run_check(
+        device_copy,
+        tmp_path,
+        "--rehearse",
+        "--only",
+        "tests,sanitizer",
+        PYTEST_ADDOPTS="-p device_check_faults",
+        PYTHONPATH=str(device_copy / "faults"),
+        DEVICE_CHECK_FAULT="hang",
+        DEVICE_CHECK_LIMIT_SCALE="0.01",
+    )
     assert code == 1
     assert summary[0] == "FAIL: tests (rehearse mode)"
     assert summary[1].startswith("tests: TIMED OUT")
@@ -85,7 +102,8 @@ def test_a_stage_killed_at_its_limit_fails_and_the_check_goes_on(device_copy, tm
 
 
 def test_an_unknown_stage_is_named(device_copy, tmp_path):
-    done = subprocess.run(["bash", SCRIPT, "--only", "kernles", str(tmp_path)], cwd=device_copy, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        ["bash", SCRIPT, "--only", "kernles", str(tmp_path)], cwd=device_copy, capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert "no stage 'kernles'" in done.stderr

@@ -69,9 +69,14 @@ def test_an_op_override_beats_the_backend_forced_for_every_op(fake_triton_op):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("", (None, {})), ("triton", ("triton", {})), ("attention=cuda", (None, {"attention": "cuda"})),
-     ("triton, attention=cuda", ("triton", {"attention": "cuda"})), ("auto,attention=auto", (None, {}))],
-)  # fmt: skip
+    [
+        ("", (None, {})),
+        ("triton", ("triton", {})),
+        ("attention=cuda", (None, {"attention": "cuda"})),
+        ("triton, attention=cuda", ("triton", {"attention": "cuda"})),
+        ("auto,attention=auto", (None, {})),
+    ],
+)
 def test_environment_variable_sets_every_op_and_single_ops(value, expected):
     assert _dispatch._parse_environment(value) == expected
 

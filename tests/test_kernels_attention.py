@@ -40,8 +40,10 @@ def reference_attention(q, k, v, cu_seqlens, *, key_mask=None, keep_masks=None, 
 def dropout_keep_masks(rng_state, heads, cu_seqlens, dropout_p, device):
     """Each sequence's (heads, length, length) dropout mask, drawn once for a test's several references."""
     bounds = cu_seqlens.tolist()
-    return [dropout_keep_mask(rng_state, heads, start, end - start, dropout_p).to(device)
-            for start, end in zip(bounds[:-1], bounds[1:])]  # fmt: skip
+    return [
+        dropout_keep_mask(rng_state, heads, start, end - start, dropout_p).to(device)
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def cu_seqlens_of(lengths):
@@ -52,8 +54,20 @@ def max_error(a, b):
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def check_against_float32(lengths, heads, head_dim, dtype, dropout_p=0.0, *, softmax_scale=None, key_mask=None,
-                          packed_qkv=False, strided_grad_out=False, magnitudes=(1.0, 1.0, 1.0), device="cpu"):
+def check_against_float32(
+    lengths,
+    heads,
+    head_dim,
+    dtype,
+    dropout_p=0.0,
+    *,
+    softmax_scale=None,
+    key_mask=None,
+    packed_qkv=False,
+    strided_grad_out=False,
+    magnitudes=(1.0, 1.0, 1.0),
+    device="cpu",
+):
     """The kernel's out, dq, dk, dv against float32 attention by flash-attention's rule (assert_flash_rule).
 
     key_mask, (total_tokens,) bool, sends the sequences (all of one length) through the padded API. packed_qkv
@@ -76,9 +90,9 @@ def check_against_float32(lengths, heads, head_dim, dtype, dropout_p=0.0, *, sof
         if key_mask is None:
             return flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), rng_state=rng_state, **options)
         padded_shape = (len(lengths), lengths[0], heads, head_dim)
-        out = attention_kernel.flash_attention_padded(*(t.view(padded_shape) for t in (q, k, v)),
-                                                     key_mask.view(padded_shape[:2]), rng_state=rng_state,
-                                                     **options)  # fmt: skip
+        out = attention_kernel.flash_attention_padded(
+            *(t.view(padded_shape) for t in (q, k, v)), key_mask.view(padded_shape[:2]), rng_state=rng_state, **options
+        )
         return out.view(q.shape)
 
     def run(attention, dt):
@@ -101,8 +115,10 @@ def assert_flash_rule(name, mine, torch_low, exact):
     assert ours_error <= 2 * torch_error + 1e-5, (name, ours_error, torch_error)
 
 
-needs_cuda_build = pytest.mark.skipif(not torch.cuda.is_available() or attention_kernel.extension() is None,
-                                      reason="needs a CUDA device and the built extension")  # fmt: skip
+needs_cuda_build = pytest.mark.skipif(
+    not torch.cuda.is_available() or attention_kernel.extension() is None,
+    reason="needs a CUDA device and the built extension",
+)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda_build])])
@@ -135,9 +151,10 @@ def test_forward_backward_match_float32_reference(device, dtype, head_dim, dropo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, head_dim, dropout_p",
-                         [(torch.bfloat16, 64, 0.17), (torch.float16, 64, 0.0), (torch.bfloat16, 128, 0.0),
-                          (torch.float16, 128, 0.17)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype, head_dim, dropout_p",
+    [(torch.bfloat16, 64, 0.17), (torch.float16, 64, 0.0), (torch.bfloat16, 128, 0.0), (torch.float16, 128, 0.17)],
+)
 def test_long_sequences_on_tile_edges(emulated_flash, dtype, head_dim, dropout_p):
     check_against_float32(LONG_TILE_EDGES, 1, head_dim, dtype, dropout_p)
 
@@ -163,8 +180,16 @@ def padding_masks(batch, frames):
 def test_padded_api_with_whole_key_tiles_masked(device, dtype, head_dim, softmax_scale, dropout_p):
     batch, frames = (3, 150) if device == "cpu" else (12, 500)
     key_mask = padding_masks(batch, frames)
-    check_against_float32([frames] * batch, heads_for(device, dropout_p), head_dim, dtype, dropout_p,
-                          softmax_scale=softmax_scale, key_mask=key_mask, device=device)  # fmt: skip
+    check_against_float32(
+        [frames] * batch,
+        heads_for(device, dropout_p),
+        head_dim,
+        dtype,
+        dropout_p,
+        softmax_scale=softmax_scale,
+        key_mask=key_mask,
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float16, 128)])
@@ -179,23 +204,32 @@ def test_fully_masked_first_key_tile_with_a_scale_above_one(device, dtype, head_
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_strided_views_of_packed_qkv_and_a_strided_grad_out(device, dtype, head_dim):
     lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
-    check_against_float32(lengths, heads_for(device, 0.17), head_dim, dtype, 0.17, packed_qkv=True,
-                          strided_grad_out=True, device=device)  # fmt: skip
+    check_against_float32(
+        lengths, heads_for(device, 0.17), head_dim, dtype, 0.17, packed_qkv=True, strided_grad_out=True, device=device
+    )
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("softmax_scale", [None, 1.0])
 def test_large_fp16_inputs_stay_finite_and_accurate(device, head_dim, softmax_scale):
     lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
-    check_against_float32(lengths, heads_for(device), head_dim, torch.float16, softmax_scale=softmax_scale,
-                          magnitudes=(5.0, 3.0, 3.0), device=device)  # fmt: skip
+    check_against_float32(
+        lengths,
+        heads_for(device),
+        head_dim,
+        torch.float16,
+        softmax_scale=softmax_scale,
+        magnitudes=(5.0, 3.0, 3.0),
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("softmax_scale", [0.125, 0.3, 0.7, 1.0, 2.0, -1.0])  # 1/√64 past 1/log2(e); either sign
 def test_softmax_scales_from_one_over_sqrt_d_to_two(device, softmax_scale):
     lengths = [70, 129] if device == "cpu" else [1, 250, 1025, 77]
-    check_against_float32(lengths, heads_for(device, 0.17), 64, torch.bfloat16, 0.17, softmax_scale=softmax_scale,
-                          device=device)  # fmt: skip
+    check_against_float32(
+        lengths, heads_for(device, 0.17), 64, torch.bfloat16, 0.17, softmax_scale=softmax_scale, device=device
+    )
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -230,8 +264,7 @@ def test_dropout_scales_dv_once_in_float32(device, dtype, head_dim):
     """Length-1 sequences: P = 1, so dV = dO · keep / (1 - p) is one product, and the kernel must round it once
     (FlashAttention-2 scales the fp32 dV accumulator at the end), not round 1 / (1 - p) to the dtype first."""
     sequences, heads, dropout_p = 16, heads_for(device), 0.17
-    q, k, v = (torch.randn(sequences, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
-               for _ in "qkv")  # fmt: skip
+    q, k, v = (torch.randn(sequences, heads, head_dim, dtype=dtype, device=device, requires_grad=True) for _ in "qkv")
     rng_state = torch.tensor([5, 0], device=device)
     cu_seqlens = cu_seqlens_of([1] * sequences).to(device)
     out = flash_attention_varlen(q, k, v, cu_seqlens, 1, dropout_p=dropout_p, rng_state=rng_state)
@@ -249,8 +282,9 @@ def test_a_rerun_gives_the_same_bits(device, dropout_p):
     """The forward has no atomics, nor has dK and dV's accumulation (dQ adds with atomics): a rerun must match."""
     lengths = [70, 5] if device == "cpu" else TILE_EDGES + LONG_TILE_EDGES
     heads = heads_for(device)
-    q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
-               for _ in "qkv")  # fmt: skip
+    q, k, v = (
+        torch.randn(sum(lengths), heads, 64, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in "qkv"
+    )
     grad_out = torch.randn_like(q)
     cu_seqlens = cu_seqlens_of(lengths).to(device)
     rng_state = torch.tensor([7, 3], device=device)
@@ -326,8 +360,11 @@ def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_k
     batch, frames, heads = 3, 70, 2
     qkv = torch.randn(batch, frames, 3, heads, 64, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = qkv.unbind(2)  # strided views, as the model's fused projection gives them
-    mask = {"none": None, "right-padded": torch.arange(frames) < torch.tensor([70, 1, 20])[:, None],
-            "arbitrary": torch.rand(batch, frames) < 0.6}[mask_kind]  # fmt: skip
+    mask = {
+        "none": None,
+        "right-padded": torch.arange(frames) < torch.tensor([70, 1, 20])[:, None],
+        "arbitrary": torch.rand(batch, frames) < 0.6,
+    }[mask_kind]
     rng_state = torch.tensor([77, 0])
     out = attention_kernel.flash_attention_padded(q, k, v, mask, dropout_p=dropout_p, rng_state=rng_state)
     grad = torch.randn_like(out)
@@ -346,8 +383,9 @@ def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_k
         result = (weights @ rv).transpose(1, 2)
         return result, *torch.autograd.grad(result, leaf, grad.to(dtype))
 
-    for name, mine, low, exact in zip(("out", "grad"), (out, grad_qkv), reference(torch.bfloat16),
-                                      reference(torch.float32)):  # fmt: skip
+    for name, mine, low, exact in zip(
+        ("out", "grad"), (out, grad_qkv), reference(torch.bfloat16), reference(torch.float32)
+    ):
         assert_flash_rule(name, mine, low, exact)
 
 
@@ -447,7 +485,7 @@ def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
 
     def loss(q, k, v):
         padded = ops.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
-        return (padded.float().square().sum() + ops.attention(q, k, v).float().sum())
+        return padded.float().square().sum() + ops.attention(q, k, v).float().sum()
 
     torch.manual_seed(0)
     eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
@@ -496,8 +534,12 @@ def test_csrc_compiles_for_sm90_without_spills():
     from spidr_fast import build_extension
 
     _, log = build_extension.build(emulate=False, archs="90", verbose=True)
-    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'\s+.*?Function properties for \1\s+"
-                         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log, re.S)  # fmt: skip
+    kernels = re.findall(
+        r"Compiling entry function '(\w+)' for 'sm_90'\s+.*?Function properties for \1\s+"
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+        log,
+        re.S,
+    )
     assert len(kernels) >= 16, log[-2000:]
     for name, stack, stores, loads in kernels:
         limit = 0 if "Li64E" in name or "Li128E" not in name else 16
@@ -511,4 +553,3 @@ def test_info_reports_the_extension_and_every_op(emulated_flash, capsys):
     printed = capsys.readouterr().out
     assert "CPU emulator build" in printed
     assert "op attention" in printed and "cuda" in printed  # the forced backend
-

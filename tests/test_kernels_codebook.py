@@ -40,7 +40,8 @@ def check_assignment(result, rows64, rows32, codebook, counts, metric):
     assert torch.equal(batch_counts, onehot.sum(1).float())
     expected = onehot.transpose(1, 2) @ rows64
     torch_sums = torch.zeros(num_layers, num_codewords, rows64.shape[-1]).scatter_add_(
-        1, labels.unsqueeze(-1).expand(rows64.shape), rows32)
+        1, labels.unsqueeze(-1).expand(rows64.shape), rows32
+    )
     bar = (torch_sums.double() - expected).abs().max().item() if labels.numel() else 0.0
     assert batch_sums.dtype == torch.float32
     assert (batch_sums.double() - expected).abs().max().item() <= 2 * bar + 1e-6
@@ -86,8 +87,9 @@ FUSED_CASES = [  # (L, B, T, D, N, K, dtype); lengths ragged per utterance
 
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize(("num_layers", "batch", "frames", "dim", "num_rows", "num_codewords", "dtype"), FUSED_CASES)
-def test_instance_norm_assign_kernel(triton_device, ragged, num_layers, batch, frames, dim, num_rows, num_codewords,
-                                     dtype):  # fmt: skip
+def test_instance_norm_assign_kernel(
+    triton_device, ragged, num_layers, batch, frames, dim, num_rows, num_codewords, dtype
+):
     codebook, counts = random_codebooks(num_layers, num_codewords, dim)
     layers = (torch.randn(num_layers, batch, frames, dim) * 3 + 2).to(dtype)
     lengths = torch.randint(frames // 2 + 1, frames + 1, (batch,)) if ragged else None
@@ -98,10 +100,12 @@ def test_instance_norm_assign_kernel(triton_device, ragged, num_layers, batch, f
     frame_index = valid.flatten().nonzero().squeeze(1)[torch.randperm(int(valid.sum()))[:num_rows]]
     metric = "cosine" if num_codewords == 256 else "l2"
     on = lambda t: None if t is None else t.to(triton_device)  # noqa: E731
-    result = ops.instance_norm_assign(on(layers), on(frame_index), on(codebook), on(counts), lengths=on(lengths),
-                                      metric=metric, deterministic=ragged)  # fmt: skip
-    rows64, rows32 = (instance_norm(layers, lengths, dtype).flatten(1, 2)[:, frame_index]
-                      for dtype in (torch.float64, torch.float32))  # fmt: skip
+    result = ops.instance_norm_assign(
+        on(layers), on(frame_index), on(codebook), on(counts), lengths=on(lengths), metric=metric, deterministic=ragged
+    )
+    rows64, rows32 = (
+        instance_norm(layers, lengths, dtype).flatten(1, 2)[:, frame_index] for dtype in (torch.float64, torch.float32)
+    )
     check_assignment([t.cpu() for t in result], rows64, rows32, codebook, counts, metric)
 
 
@@ -110,14 +114,17 @@ def test_ties_go_to_the_lowest_index_and_an_unused_codeword_stays_empty(triton_d
     codebook, counts = random_codebooks(8, 17, 64)
     codebook[:, 7], counts[:, 7] = codebook[:, 2], counts[:, 2]  # codeword 7 duplicates codeword 2
     codebook[:, 5] = -1e3 * counts[:, 5:6]  # far from, and opposite to, every row: never assigned
-    on_two = (codebook[:, [2, 7, 2]] / counts[:, [2, 7, 2]].unsqueeze(-1))
+    on_two = codebook[:, [2, 7, 2]] / counts[:, [2, 7, 2]].unsqueeze(-1)
     x = torch.cat([on_two.abs(), torch.randn(8, 40, 64).abs()], dim=1)
     codebook[:, [2, 7]] = codebook[:, [2, 7]].abs()  # the rows on codeword 2 stay exactly on it
     for deterministic in (False, True):
         labels, batch_counts, batch_sums = ops.codebook_assign(
-            x.to(triton_device), codebook.to(triton_device), counts.to(triton_device), metric=metric,
+            x.to(triton_device),
+            codebook.to(triton_device),
+            counts.to(triton_device),
+            metric=metric,
             deterministic=deterministic,
-        )  # fmt: skip
+        )
         assert torch.all(labels[:, :3] == 2) and torch.all(labels != 7)
         assert torch.all(batch_counts[:, 5] == 0) and torch.all(batch_sums[:, 5] == 0)
 

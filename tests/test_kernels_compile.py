@@ -20,13 +20,24 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "spidr_fast.ops.kernel_report", "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    names = ["instance_norm_stats", "codebook_assign[l2]", "codebook_assign[cosine]",
-             "codebook_statistics[deterministic]", "codebook_ema_update", "heads_forward[bf16]",
-             "heads_grad_logits[bf16]", "heads_forward[fp32]", "heads_grad_logits[fp32]"]  # fmt: skip
+    names = [
+        "instance_norm_stats",
+        "codebook_assign[l2]",
+        "codebook_assign[cosine]",
+        "codebook_statistics[deterministic]",
+        "codebook_ema_update",
+        "heads_forward[bf16]",
+        "heads_grad_logits[bf16]",
+        "heads_forward[fp32]",
+        "heads_grad_logits[fp32]",
+    ]
     assert [(row["target"], row["kernel"]) for row in report] == [(t, n) for t in kernel_report.TARGETS for n in names]
     for row in report:
         assert row["spill_bytes"] == 0, row
@@ -35,8 +46,13 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
 
 def test_model_with_triton_kernels_compiles_with_fullgraph(triton_device):
     """The custom ops are single graph nodes whatever runs inside; compiled training equals eager reference."""
-    model = tiny("spidr", encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_layer_drop=0.0,
-                 encoder_projection_dropout=0.0).train()  # fmt: skip
+    model = tiny(
+        "spidr",
+        encoder_dropout=0.0,
+        encoder_attention_dropout=0.0,
+        encoder_layer_drop=0.0,
+        encoder_projection_dropout=0.0,
+    ).train()
     reference = copy.deepcopy(model)
     waveforms, mask_indices, attention_mask = batch(model)
     torch._dynamo.reset()

@@ -21,8 +21,9 @@ CASES = [  # (L, N, K, D, dtype, bias, cosine_temperature)
 
 
 @pytest.mark.parametrize(("num_layers", "num_rows", "num_codewords", "dim", "dtype", "with_bias", "temperature"), CASES)
-def test_heads_cross_entropy_kernel(triton_device, num_layers, num_rows, num_codewords, dim, dtype, with_bias,
-                                    temperature):  # fmt: skip
+def test_heads_cross_entropy_kernel(
+    triton_device, num_layers, num_rows, num_codewords, dim, dtype, with_bias, temperature
+):
     x = torch.randn(num_layers, num_rows, dim, dtype=torch.float64)
     weight = torch.randn(num_layers, num_codewords, dim, dtype=torch.float64) / dim**0.5
     bias = torch.randn(num_layers, num_codewords, dtype=torch.float64) if with_bias else None
@@ -58,8 +59,11 @@ def test_expanded_input_and_autocast(triton_device):
     x = torch.randn(1, 53, 64, device=triton_device).expand(4, 53, 64)
     weight, bias = torch.randn(4, 17, 64, device=triton_device) / 8, torch.randn(4, 17, device=triton_device)
     labels = torch.randint(0, 17, (4, 53), device=triton_device)
-    for a, b in zip(ops.heads_cross_entropy(x, weight, bias, labels),
-                    ops.heads_cross_entropy(x.contiguous(), weight, bias, labels), strict=True):  # fmt: skip
+    for a, b in zip(
+        ops.heads_cross_entropy(x, weight, bias, labels),
+        ops.heads_cross_entropy(x.contiguous(), weight, bias, labels),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with torch.autocast(triton_device.type, dtype=torch.bfloat16):
         loss, _ = ops.heads_cross_entropy(x, weight.requires_grad_(), bias, labels)

@@ -23,9 +23,7 @@ def test_readme_hubert_example_runs():
 
 def test_ema_codebooks_keep_the_official_buffer_names():
     assert type(tiny("dinosr").codebooks) is EMACodebooks  # the models' own
-    assert set(EMACodebooks(2, 5, 3, decay=0.9).state_dict()) == {
-        "0.codebook", "0.counts", "1.codebook", "1.counts"
-    }  # fmt: skip
+    assert set(EMACodebooks(2, 5, 3, decay=0.9).state_dict()) == {"0.codebook", "0.counts", "1.codebook", "1.counts"}
 
 
 def test_fused_heads_are_the_op_with_shared_or_per_head_inputs():

@@ -31,8 +31,9 @@ def test_padded_attention_matches_direct(dtype, scale):
     q, k, v = random_qkv(2, 37, 3, 16, dtype=dtype)
     mask = ragged_mask([37, 20], 37)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(ops.attention(q, k, v, softmax_scale=scale).double(), direct(q, k, v, scale=scale),
-                               rtol=tol, atol=tol)  # fmt: skip
+    torch.testing.assert_close(
+        ops.attention(q, k, v, softmax_scale=scale).double(), direct(q, k, v, scale=scale), rtol=tol, atol=tol
+    )
     out = ops.attention(q, k, v, key_padding_mask=mask, softmax_scale=scale)
     torch.testing.assert_close(out.double(), direct(q, k, v, mask, scale), rtol=tol, atol=tol)
 
@@ -76,40 +77,55 @@ def test_pack_unpack_round_trip_and_cu_seqlens():
     assert torch.equal(padding.mask_from_cu_seqlens(packed.cu_seqlens, 7), mask)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 8)), r"k must have shape q's shape = \(2, 5, 2, 4\)"),
-    (dict(q=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4).half()), "v must have dtype in \\(float32\\)"),
-    (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), r"key_padding_mask must have shape \(B, T\) = \(2, 5\)"),
-    (dict(key_padding_mask=torch.ones(2, 5)), "key_padding_mask must have dtype"),
-    (dict(max_seqlen=5), "max_seqlen goes with cu_seqlens"),
-    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q must be \\(total_tokens"),
-    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
-    (dict(softmax_scale=float("inf")), "softmax_scale must be a finite number, got inf"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 8)), r"k must have shape q's shape = \(2, 5, 2, 4\)"),
+        (dict(q=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4).half()), "v must have dtype in \\(float32\\)"),
+        (
+            dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+            r"key_padding_mask must have shape \(B, T\) = \(2, 5\)",
+        ),
+        (dict(key_padding_mask=torch.ones(2, 5)), "key_padding_mask must have dtype"),
+        (dict(max_seqlen=5), "max_seqlen goes with cu_seqlens"),
+        (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q must be \\(total_tokens"),
+        (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+        (dict(softmax_scale=float("inf")), "softmax_scale must be a finite number, got inf"),
+    ],
+)
 def test_padded_attention_names_bad_argument(kwargs, message):
     args = dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4)) | kwargs
     with pytest.raises(ValueError, match=message):
         ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int64), max_seqlen=5), "cu_seqlens must have dtype in \\(int32\\)"),
-    (dict(cu_seqlens=torch.tensor([5], dtype=torch.int32), max_seqlen=5), "cu_seqlens must have B \\+ 1 >= 2"),
-    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "max_seqlen must be a non-negative int"),
-    (dict(cu_seqlens=None), r"q must be \(B, T, heads, head_dim\) without cu_seqlens"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int64), max_seqlen=5),
+            "cu_seqlens must have dtype in \\(int32\\)",
+        ),
+        (dict(cu_seqlens=torch.tensor([5], dtype=torch.int32), max_seqlen=5), "cu_seqlens must have B \\+ 1 >= 2"),
+        (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "max_seqlen must be a non-negative int"),
+        (dict(cu_seqlens=None), r"q must be \(B, T, heads, head_dim\) without cu_seqlens"),
+    ],
+)
 def test_packed_attention_names_bad_argument(kwargs, message):
     q = torch.randn(5, 2, 4)
     with pytest.raises(ValueError, match=message):
         ops.attention(q, q, q, **kwargs)
 
 
-@pytest.mark.parametrize(("cu_seqlens", "max_seqlen", "message"), [
-    ([0, 5], 5, "cu_seqlens must end at the token count 33, got 5"),
-    ([1, 33], 32, "cu_seqlens must start at 0, got 1"),
-    ([0, 20, 10, 33], 23, "cu_seqlens must be non-decreasing"),
-    ([0, 10, 33], 10, "max_seqlen 10 is below the longest sequence, 23"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cu_seqlens", "max_seqlen", "message"),
+    [
+        ([0, 5], 5, "cu_seqlens must end at the token count 33, got 5"),
+        ([1, 33], 32, "cu_seqlens must start at 0, got 1"),
+        ([0, 20, 10, 33], 23, "cu_seqlens must be non-decreasing"),
+        ([0, 10, 33], 10, "max_seqlen 10 is below the longest sequence, 23"),
+    ],
+)
 def test_packed_attention_checks_the_values_of_cu_seqlens_on_every_backend(cu_seqlens, max_seqlen, message):
     q = torch.randn(33, 2, 4)
     with pytest.raises(ValueError, match=message):

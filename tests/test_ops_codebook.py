@@ -27,8 +27,10 @@ def assert_labels_are_nearest(labels: torch.Tensor, scores: torch.Tensor, rtol: 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_layers", "num_frames", "num_codewords", "dim"),
-                         [(1, 0, 17, 5), (3, 1, 17, 5), (3, 37, 1, 7), (2, 37, 17, 64), (1, 4099, 256, 13)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("num_layers", "num_frames", "num_codewords", "dim"),
+    [(1, 0, 17, 5), (3, 1, 17, 5), (3, 37, 1, 7), (2, 37, 17, 64), (1, 4099, 256, 13)],
+)
 def test_codebook_assign_matches_direct_formula(metric, dtype, num_layers, num_frames, num_codewords, dim):
     codebook, counts = random_codebooks(num_layers, num_codewords, dim)
     x = torch.randn(num_layers, num_frames, dim).to(dtype)
@@ -63,14 +65,17 @@ def test_codebook_assign_ignores_autocast():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((torch.randn(3, 4), torch.randn(1, 5, 4), torch.ones(1, 5)), "x must have 3 dimensions"),
-    ((torch.randn(2, 4, 4), torch.randn(1, 5, 4), torch.ones(1, 5)), r"x must have shape \(L, N, D\) with L = 1"),
-    ((torch.randn(1, 4, 3), torch.randn(1, 5, 4), torch.ones(1, 5)), "D = 4"),
-    ((torch.randn(1, 4, 4), torch.randn(1, 5, 4), torch.ones(1, 6)), r"counts must have shape \(L, K\) = \(1, 5\)"),
-    ((torch.randn(1, 4, 4), torch.randn(1, 5, 4).double(), torch.ones(1, 5)), "codebook must have dtype"),
-    ((torch.randint(0, 3, (1, 4, 4)), torch.randn(1, 5, 4), torch.ones(1, 5)), "x must have dtype"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.randn(3, 4), torch.randn(1, 5, 4), torch.ones(1, 5)), "x must have 3 dimensions"),
+        ((torch.randn(2, 4, 4), torch.randn(1, 5, 4), torch.ones(1, 5)), r"x must have shape \(L, N, D\) with L = 1"),
+        ((torch.randn(1, 4, 3), torch.randn(1, 5, 4), torch.ones(1, 5)), "D = 4"),
+        ((torch.randn(1, 4, 4), torch.randn(1, 5, 4), torch.ones(1, 6)), r"counts must have shape \(L, K\) = \(1, 5\)"),
+        ((torch.randn(1, 4, 4), torch.randn(1, 5, 4).double(), torch.ones(1, 5)), "codebook must have dtype"),
+        ((torch.randint(0, 3, (1, 4, 4)), torch.randn(1, 5, 4), torch.ones(1, 5)), "x must have dtype"),
+    ],
+)
 def test_codebook_assign_names_bad_argument(args, message):
     with pytest.raises(ValueError, match=message):
         ops.codebook_assign(*args)
@@ -120,8 +125,9 @@ def test_codebook_ema_update_names_bad_argument():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_layers", "batch", "frames", "dim", "num_selected"),
-                         [(1, 1, 2, 3, 0), (3, 2, 37, 5, 1), (2, 3, 101, 64, 53)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("num_layers", "batch", "frames", "dim", "num_selected"), [(1, 1, 2, 3, 0), (3, 2, 37, 5, 1), (2, 3, 101, 64, 53)]
+)
 def test_instance_norm_select_matches_direct_formula(dtype, num_layers, batch, frames, dim, num_selected):
     layers = (torch.randn(num_layers, batch, frames, dim) * 3 + 1).to(dtype)
     frame_index = torch.randperm(batch * frames)[:num_selected]

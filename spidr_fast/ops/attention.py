@@ -27,9 +27,13 @@ def _sdpa_padded(
     # No mask at all when nothing is padded: any dense mask keeps SDPA off its flash backend.
     attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=attn_mask, dropout_p=dropout_p, scale=softmax_scale,
-    )  # fmt: skip
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        scale=softmax_scale,
+    )
     return out.transpose(1, 2)
 
 

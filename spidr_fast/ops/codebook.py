@@ -97,9 +97,7 @@ def _codebook_assign_reference(
         # One matmul per layer, the official `addmm` form, so labels match the official ones bit for bit.
         for layer in range(num_layers):
             if metric == "l2":
-                distances = torch.addmm(
-                    centroids[layer].square().sum(1), rows[layer], centroids[layer].t(), alpha=-2
-                )
+                distances = torch.addmm(centroids[layer].square().sum(1), rows[layer], centroids[layer].t(), alpha=-2)
                 labels[layer] = distances.argmin(1)  # argmin returns the first minimum: ties go to the lowest index
             else:
                 similarity = F.normalize(rows[layer], dim=-1) @ F.normalize(centroids[layer], dim=-1).t()

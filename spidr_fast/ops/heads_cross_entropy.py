@@ -80,7 +80,9 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad_loss, _grad_mean_probs, _grad_lse):  # noqa: ANN001, ANN202
     x, weight, bias, labels, lse = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _heads_cross_entropy_backward_op(grad_loss, x, weight, bias, labels, lse, ctx.scale)
+    grad_x, grad_weight, grad_bias = _heads_cross_entropy_backward_op(
+        grad_loss, x, weight, bias, labels, lse, ctx.scale
+    )
     return grad_x, grad_weight, None if bias is None else grad_bias.to(bias.dtype), None, None
 
 

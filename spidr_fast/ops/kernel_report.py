@@ -112,8 +112,16 @@ def compile_all() -> list[dict]:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=target, options=options)
             registers, spills = _resource_usage(compiled.asm["cubin"])
-            report.append(dict(kernel=name, target=target_name, num_warps=options["num_warps"], registers=registers,
-                               spill_bytes=spills, shared_bytes=compiled.metadata.shared))  # fmt: skip
+            report.append(
+                dict(
+                    kernel=name,
+                    target=target_name,
+                    num_warps=options["num_warps"],
+                    registers=registers,
+                    spill_bytes=spills,
+                    shared_bytes=compiled.metadata.shared,
+                )
+            )
     return report
 
 
@@ -125,8 +133,10 @@ def main() -> None:
     print(f"SpidR shapes: L={NUM_LAYERS}, K={NUM_CODEWORDS}, D={DIM}, ~{FRAMES} frames")
     print(f"{'kernel':<36}{'target':<8}{'warps':>6}{'registers':>11}{'spills (B)':>12}{'shared (B)':>12}")
     for row in report:
-        print(f"{row['kernel']:<36}{row['target']:<8}{row['num_warps']:>6}{row['registers']:>11}"
-              f"{row['spill_bytes']:>12}{row['shared_bytes']:>12}")  # fmt: skip
+        print(
+            f"{row['kernel']:<36}{row['target']:<8}{row['num_warps']:>6}{row['registers']:>11}"
+            f"{row['spill_bytes']:>12}{row['shared_bytes']:>12}"
+        )
 
 
 if __name__ == "__main__":

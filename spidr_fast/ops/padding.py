@@ -1,7 +1,7 @@
 """Between the padded layout and flash-attention's variable-length (packed) one, for the reference attention.
 
-    padded  (B, T, ...)            with key_padding_mask (B, T), True on real frames
-    packed  (total_tokens, ...)    with cu_seqlens (B + 1,) int32: sequence b is packed[cu_seqlens[b]:cu_seqlens[b+1]]
+padded  (B, T, ...)            with key_padding_mask (B, T), True on real frames
+packed  (total_tokens, ...)    with cu_seqlens (B + 1,) int32: sequence b is packed[cu_seqlens[b]:cu_seqlens[b+1]]
 """
 
 import torch

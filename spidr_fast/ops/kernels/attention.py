@@ -87,15 +87,8 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 
 @torch.library.custom_op("spidr_fast::flash_attention_forward", mutates_args=())
 def _forward_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    rng_state: torch.Tensor,
-    max_seqlen: int,
-    dropout_p: float,
-    softmax_scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None,
+    rng_state: torch.Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
     q, k, v = (aligned(t) for t in (q, k, v))
@@ -105,7 +98,7 @@ def _forward_op(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), lse.data_ptr(), cu_seqlens.data_ptr(),
         _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale, dropout_p,
         rng_state.data_ptr(), _stream(q),
-    )  # fmt: skip
+    )
     return out, lse
 
 
@@ -116,18 +109,9 @@ def _(q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_s
 
 @torch.library.custom_op("spidr_fast::flash_attention_backward", mutates_args=())
 def _backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    rng_state: torch.Tensor,
-    max_seqlen: int,
-    dropout_p: float,
-    softmax_scale: float,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None, rng_state: torch.Tensor, max_seqlen: int,
+    dropout_p: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
     grad_out, q, k, v, out = (aligned(t) for t in (grad_out, q, k, v, out))
@@ -139,7 +123,7 @@ def _backward_op(
         delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
         cu_seqlens.data_ptr(), _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total,
         softmax_scale, dropout_p, rng_state.data_ptr(), _stream(q),
-    )  # fmt: skip
+    )
     return grad_q, grad_k, grad_v
 
 

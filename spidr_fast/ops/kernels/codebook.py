@@ -35,7 +35,7 @@ def _load_rows(
     x_ptr, index_ptr, mean_ptr, rstd_ptr, layer, rows, row_mask, d, d_mask,
     stride_l, stride_b, stride_t, stride_d, frames, batch, dim,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr,
-):  # fmt: skip
+):
     """(BLOCK_N, BLOCK_D) float32 rows of one layer (an int64 scalar); zeros outside the masks. Tile offsets
     within a layer stay int32 (a layer holds < 2³¹ elements): int64 pointer tiles would double their registers."""
     if GATHER:
@@ -59,7 +59,7 @@ def _instance_norm_stats_kernel(
     x_ptr, lengths_ptr, mean_ptr, rstd_ptr, frames, batch, dim,
     stride_l, stride_b, stride_t, stride_d, eps,
     HAS_LENGTHS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid_d, utterance, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
@@ -96,7 +96,7 @@ def _assign_kernel(
     num_rows, num_codewords, dim, frames, batch, stride_l, stride_b, stride_t, stride_d,
     COSINE: tl.constexpr, GATHER: tl.constexpr, NORMALIZE: tl.constexpr, ATOMIC_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_rows
@@ -113,7 +113,7 @@ def _assign_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < dim
             x = _load_rows(x_ptr, index_ptr, mean_ptr, rstd_ptr, layer, rows, row_mask, d, d_mask,
-                           stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)  # fmt: skip
+                           stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)
             c_mask = k_mask[:, None] & d_mask[None, :]
             centroid = tl.load(layer_codebook + k[:, None] * dim + d[None, :], mask=c_mask, other=0.0) / count[:, None]
             dots += tl.dot(x, tl.trans(centroid), input_precision="ieee")
@@ -137,9 +137,9 @@ def _assign_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < dim
             x = _load_rows(x_ptr, index_ptr, mean_ptr, rstd_ptr, layer, rows, row_mask, d, d_mask,
-                           stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)  # fmt: skip
+                           stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)
             tl.atomic_add(layer_sums + best_index[:, None] * dim + d[None, :], x,
-                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")  # fmt: skip
+                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def _statistics_kernel(
     num_rows, num_codewords, dim, frames, batch, stride_l, stride_b, stride_t, stride_d,
     GATHER: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid_k, pid_d, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -161,7 +161,7 @@ def _statistics_kernel(
         labels = tl.load(labels_ptr + layer * num_rows + rows, mask=row_mask, other=-1)
         onehot = (labels[:, None] == k[None, :]).to(tl.float32)
         x = _load_rows(x_ptr, index_ptr, mean_ptr, rstd_ptr, layer, rows, row_mask, d, d_mask,
-                       stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)  # fmt: skip
+                       stride_l, stride_b, stride_t, stride_d, frames, batch, dim, GATHER, NORMALIZE)
         sums += tl.dot(tl.trans(onehot), x, input_precision="ieee")  # exact products: 0 or 1 times x
         counts += tl.sum(onehot, axis=0)
     layer_sums = batch_sums_ptr + layer * num_codewords * dim
@@ -221,14 +221,14 @@ def _launch_assign(
         source, index, mean, rstd, codebook, counts, labels, batch_counts, batch_sums,
         num_rows, num_codewords, dim, frames, batch, *strides,
         COSINE=metric == "cosine", ATOMIC_STATS=not deterministic, **common, **config,
-    )  # fmt: skip
+    )
     if deterministic:
         config = statistics_config(num_codewords, dim)
         grid = (triton.cdiv(num_codewords, config["BLOCK_K"]), triton.cdiv(dim, config["BLOCK_D"]), num_layers)
         _statistics_kernel[grid](
             source, index, mean, rstd, labels, batch_counts, batch_sums,
             num_rows, num_codewords, dim, frames, batch, *strides, **common, **config,
-        )  # fmt: skip
+        )
     return labels, flat
 
 
@@ -241,13 +241,8 @@ def codebook_assign_triton(
 
 @register("instance_norm_assign", "triton")
 def instance_norm_assign_triton(
-    layers: torch.Tensor,
-    frame_index: torch.Tensor,
-    codebook: torch.Tensor,
-    counts: torch.Tensor,
-    lengths: torch.Tensor | None,
-    metric: str,
-    deterministic: bool,
+    layers: torch.Tensor, frame_index: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor,
+    lengths: torch.Tensor | None, metric: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_layers, batch, frames, dim = layers.shape
     mean = torch.empty(num_layers, batch, dim, dtype=torch.float32, device=layers.device)
@@ -258,7 +253,7 @@ def instance_norm_assign_triton(
         _instance_norm_stats_kernel[grid](
             layers, lengths if lengths is not None else layers, mean, rstd, frames, batch, dim, *layers.stride(), EPS,
             HAS_LENGTHS=lengths is not None, **config,
-        )  # fmt: skip
+        )
     return _launch_assign(
         layers, frame_index, (mean, rstd), codebook, counts, frame_index.numel(), metric, deterministic
     )
@@ -271,7 +266,7 @@ def instance_norm_assign_triton(
 def _ema_update_kernel(
     codebook_ptr, counts_ptr, batch_counts_ptr, batch_sums_ptr, decay, num_codewords, dim,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     batch_counts = tl.load(batch_counts_ptr + k, mask=k < num_codewords, other=0.0)
     assigned = batch_counts != 0.0  # also false past the end
@@ -304,4 +299,4 @@ def codebook_ema_update_triton(
     _ema_update_kernel[(triton.cdiv(num_codewords, config["BLOCK_K"]),)](
         codebook, counts, batch_counts.contiguous(), batch_sums.contiguous(), decay, num_codewords,
         codebook.shape[-1], **config,
-    )  # fmt: skip
+    )

@@ -23,7 +23,7 @@ def _logits_tile(
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """(BLOCK_N, BLOCK_K) float32 logits, -inf past the last codeword."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for d0 in range(0, dim, BLOCK_D):
@@ -31,9 +31,9 @@ def _logits_tile(
         d_mask = d < dim
         # int64 only in the per-layer scalar base: int32 tile offsets keep the pointer tiles' registers down.
         x = tl.load(x_ptr + layer * stride_xl + (rows[:, None] * stride_xn + d[None, :] * stride_xd),
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptr + layer * stride_wl + (k[:, None] * stride_wk + d[None, :] * stride_wd),
-                    mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+                    mask=k_mask[:, None] & d_mask[None, :], other=0.0)
         if DOT_UPCAST:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
@@ -49,7 +49,7 @@ def _forward_kernel(
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_rows
@@ -61,7 +61,7 @@ def _forward_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k < num_codewords, dim, scale,
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
-                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         target += tl.sum(tl.where(k[None, :] == labels[:, None], logits, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
@@ -75,7 +75,7 @@ def _forward_kernel(
         k_mask = k < num_codewords
         logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
-                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         probs = tl.where(row_mask[:, None], tl.exp(logits - lse[:, None]), 0.0)
         out = (pid_n * tl.num_programs(1) + layer) * num_codewords + k
         tl.store(prob_sums_ptr + out, tl.sum(probs, axis=0), mask=k_mask)
@@ -88,7 +88,7 @@ def _grad_logits_kernel(
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_rows
@@ -102,7 +102,7 @@ def _grad_logits_kernel(
         k_mask = k < num_codewords
         logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
-                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         onehot = (k[None, :] == labels[:, None]).to(tl.float32)
         grad = tl.where(row_mask[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
         out = layer_grad_logits + (rows[:, None] * num_codewords + k[None, :])  # int32 tile offsets, as in loads
@@ -148,20 +148,15 @@ def heads_cross_entropy_triton(
         _forward_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums,
             num_rows, num_codewords, dim, scale, *strides, **meta,
-        )  # fmt: skip
+        )
     # Sum over layers, then divide, in the order of the official loss; block sums in a fixed order.
     return nll.sum(0) / num_layers, prob_sums.sum(0) / max(num_rows, 1), lse
 
 
 @register("heads_cross_entropy_backward", "triton")
 def heads_cross_entropy_backward_triton(
-    grad_loss: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
+    grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_layers, num_rows, dim = x.shape
     num_codewords = weight.shape[1]
@@ -172,5 +167,5 @@ def heads_cross_entropy_backward_triton(
         _grad_logits_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), lse, grad_loss.contiguous(),
             grad_logits, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, *strides, **meta,
-        )  # fmt: skip
+        )
     return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), bias_grad.sum(0)
