@@ -17,8 +17,7 @@ from types import ModuleType
 import torch
 
 from spidr_fast.ops._checks import check_same_device, check_shape, check_tensor
-from spidr_fast.ops._dispatch import register
-from spidr_fast.ops.attention import _attention_reference
+from spidr_fast.ops._dispatch import reference, register
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -228,7 +227,7 @@ def flash_attention_padded(
 def _attention_flash(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale):  # noqa: ANN001, ANN202
     """The extension where it supports the inputs (see `unsupported_reason`), the SDPA reference elsewhere."""
     if unsupported_reason(q) is not None:
-        return _attention_reference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+        return reference("attention")(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
     if cu_seqlens is not None:
         return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, **options)
