@@ -31,10 +31,17 @@ class CMakeBuild(build_ext):
         output_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
-            f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_CUDA_COMPILER={NVCC}",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_CUDA_COMPILER={NVCC}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
-        ]  # fmt: skip
+        ]
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir)], check=True)
 

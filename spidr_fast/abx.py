@@ -71,11 +71,18 @@ def items_from_alignment(fileid: str, speaker: str, phones: Sequence[str], hop: 
     bounds = [0] + [t for t in range(1, len(phones)) if phones[t] != phones[t - 1]] + [len(phones)]
     segments = list(zip(bounds[:-1], bounds[1:], strict=True))
     return [
-        Item(fileid, start * hop, end * hop, phones[start], phones[segments[k - 1][0]], phones[segments[k + 1][0]],
-             speaker)
+        Item(
+            fileid,
+            start * hop,
+            end * hop,
+            phones[start],
+            phones[segments[k - 1][0]],
+            phones[segments[k + 1][0]],
+            speaker,
+        )
         for k, (start, end) in enumerate(segments[1:-1], 1)
         if phones[start] not in SILENCES
-    ]  # fmt: skip
+    ]
 
 
 def frame_span(onset: float, offset: float, frequency: float, num_frames: int) -> slice | None:
@@ -156,12 +163,17 @@ class Cell(NamedTuple):
     x: list[int]
 
 
-def abx_cells(items: Sequence[Item], *, speaker: Literal["within", "across"] = "within",
-              context: Literal["within", "any"] = "within") -> list[Cell]:  # fmt: skip
+def abx_cells(
+    items: Sequence[Item],
+    *,
+    speaker: Literal["within", "across"] = "within",
+    context: Literal["within", "any"] = "within",
+) -> list[Cell]:
     """Every cell of the task, as fastabx builds them (within speakers, only A sets of two items or more)."""
     if speaker not in ("within", "across") or context not in ("within", "any"):
-        raise ValueError(f"speaker must be 'within' or 'across' and context 'within' or 'any', got {speaker!r}, "
-                         f"{context!r}")  # fmt: skip
+        raise ValueError(
+            f"speaker must be 'within' or 'across' and context 'within' or 'any', got {speaker!r}, {context!r}"
+        )
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         ctx = (item.prev, item.next) if context == "within" else ()
@@ -179,8 +191,11 @@ def abx_cells(items: Sequence[Item], *, speaker: Literal["within", "across"] = "
                     if len(indices_a) > 1:
                         cells.append(Cell(a, b, spk_a, group, indices_a, indices_b, indices_a))
                     continue
-                cells += [Cell(a, b, spk_a, group, indices_a, indices_b, indices_x)
-                          for (x, spk_x), indices_x in by_class.items() if x == a and spk_x != spk_a]  # fmt: skip
+                cells += [
+                    Cell(a, b, spk_a, group, indices_a, indices_b, indices_x)
+                    for (x, spk_x), indices_x in by_class.items()
+                    if x == a and spk_x != spk_a
+                ]
     return cells
 
 
@@ -216,9 +231,13 @@ def _collapse(scores: Sequence[tuple[Cell, float]]) -> float | None:
     return _mean([_mean(pair_scores) for pair_scores in by_pair.values()])
 
 
-def abx_error_rate(features: Sequence[Tensor], items: Sequence[Item], *,
-                   speaker: Literal["within", "across"] = "within",
-                   context: Literal["within", "any"] = "within") -> float | None:  # fmt: skip
+def abx_error_rate(
+    features: Sequence[Tensor],
+    items: Sequence[Item],
+    *,
+    speaker: Literal["within", "across"] = "within",
+    context: Literal["within", "any"] = "within",
+) -> float | None:
     """ABX error rate (0 to 1) of items with their frames `features[i]` (frames, D); None when no cell exists."""
     if len(features) != len(items):
         raise ValueError(f"{len(features)} feature sequences for {len(items)} items")
@@ -237,8 +256,9 @@ def abx_error_rate(features: Sequence[Tensor], items: Sequence[Item], *,
     return _collapse(scores)
 
 
-def item_features(features: dict[str, Tensor], items: Sequence[Item],
-                  frequency: float) -> tuple[list[Tensor], list[Item]]:  # fmt: skip
+def item_features(
+    features: dict[str, Tensor], items: Sequence[Item], frequency: float
+) -> tuple[list[Tensor], list[Item]]:
     """The frames of every item that has at least two (`frame_span`), and those items with their times moved to
     the edges of those frames, so that any tool reading them (fastabx) selects the same frames and none past the
     end of the file. `features` maps a file id to its (frames, D) features; a missing file is an error naming it."""
@@ -258,9 +278,14 @@ def _fastabx_frequency(frequency: float) -> int | str:
     return int(frequency) if float(frequency).is_integer() else repr(float(frequency))
 
 
-def fastabx_error_rates(features: dict[str, Tensor], items: Sequence[Item], frequency: float, *,
-                        context: Literal["within", "any"] = "within",
-                        speakers: Sequence[str] = ("within", "across")) -> dict[str, float | None]:  # fmt: skip
+def fastabx_error_rates(
+    features: dict[str, Tensor],
+    items: Sequence[Item],
+    frequency: float,
+    *,
+    context: Literal["within", "any"] = "within",
+    speakers: Sequence[str] = ("within", "across"),
+) -> dict[str, float | None]:
     """fastabx's ZeroSpeech ABX (needs `fastabx`, Python >= 3.12) of `items` as `item_features` keeps them, on
     `features` (file id → (frames, D)), per speaker condition; None where no cell exists, as `abx_error_rate`."""
     from fastabx import zerospeech_abx
@@ -278,12 +303,22 @@ def fastabx_error_rates(features: dict[str, Tensor], items: Sequence[Item], freq
                 rates[speaker] = None
                 continue
             try:
-                rate = zerospeech_abx(item_file, root, speaker=speaker, context=context, distance="angular",
-                                      frequency=_fastabx_frequency(frequency), max_size_group=None,
-                                      max_x_across=None, progress=False)  # fmt: skip
+                rate = zerospeech_abx(
+                    item_file,
+                    root,
+                    speaker=speaker,
+                    context=context,
+                    distance="angular",
+                    frequency=_fastabx_frequency(frequency),
+                    max_size_group=None,
+                    max_x_across=None,
+                    progress=False,
+                )
             except (ValueError, TypeError) as error:
-                raise RuntimeError(f"fastabx failed on {len(items)} items ({speaker} speakers, context {context}, "
-                                   f"{frequency:g} Hz): {error}. The built-in ABX scores the same items.") from error
+                raise RuntimeError(
+                    f"fastabx failed on {len(items)} items ({speaker} speakers, context {context}, "
+                    f"{frequency:g} Hz): {error}. The built-in ABX scores the same items."
+                ) from error
             rates[speaker] = float(rate)
     return rates
 
