@@ -37,7 +37,6 @@ from spidr_fast import ops  # noqa: E402
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices  # noqa: E402
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
 from spidr_fast.models.components import num_frames  # noqa: E402
-from spidr_fast.train.loop import compile_encoders  # noqa: E402
 
 TOTAL_STEPS = 400_000
 SMOKE_CONFIG = dict(
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> Results:
         def build():
             model = copy.deepcopy(ours_template)
             if compiled:
-                compile_encoders(model)
+                model.compile_encoders()
             return on_backend(backend, make_step(model, batch, dtype), **per_op)
 
         return build

@@ -15,7 +15,7 @@ from spidr_fast.train import checkpoint
 from spidr_fast.train import config as config_module
 from spidr_fast.models.config import DinoSRConfig, SpidRConfig
 from spidr_fast.train.__main__ import build_config, main, parse_args
-from spidr_fast.train.distributed import Context, _first_host
+from spidr_fast.distributed import Context, _first_host
 from spidr_fast.train.loop import NonFiniteError, Trainer
 from spidr_fast.train.optim import lr_factor
 
@@ -195,7 +195,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 def _ddp_rank(rank, port, run_dir, results):
     import torch.distributed as dist
 
-    from spidr_fast.train.distributed import setup
+    from spidr_fast.distributed import setup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     ctx = setup("cpu")

@@ -19,11 +19,11 @@ from spidr_fast.preemption import Preemption
 if __name__ == "__main__":  # before the imports below, which take seconds: a signal during start-up is not lost
     STARTUP_PREEMPTION = Preemption().__enter__()
 
+from spidr_fast import distributed  # noqa: E402
 from spidr_fast.metrics import describe  # noqa: E402
 from spidr_fast.plots import plot_training  # noqa: E402
 from spidr_fast.train import checkpoint  # noqa: E402
 from spidr_fast.train import config as config_module  # noqa: E402
-from spidr_fast.train import distributed  # noqa: E402
 from spidr_fast.train.checkpoint import CheckpointWriteError, export_state_dict  # noqa: E402
 from spidr_fast.train.loop import NonFiniteError, Trainer  # noqa: E402
 
