@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
+from spidr_fast.cli import ArgumentParser, positive, report_user_errors  # noqa: E402
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices  # noqa: E402
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
 from spidr_fast.models.components import num_frames  # noqa: E402
@@ -168,10 +169,10 @@ def breakdown(model, batch: Batch, dtype: torch.dtype, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 12 on a GPU)")
-    parser.add_argument("--seconds", type=float, default=None, help="clip length (default: 20 s on a GPU)")
+    parser.add_argument("--batch", type=positive(int), default=None, help="clips per step (default: 12 on a GPU)")
+    parser.add_argument("--seconds", type=positive(float), default=None, help="clip length (default: 20 s on a GPU)")
     parser.add_argument("--variants", choices=("eager", "compiled", "all"), default=None,
                         help="eager variants and the phase breakdown, compiled variants, or both "
                              "(default: both on a GPU; a smoke run compiles nothing)")  # fmt: skip
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))
