@@ -235,10 +235,7 @@ class Trainer:
         norm, stop_votes = torch.stack([grad_norm.float(), stop_votes.float()]).tolist()
         stop = stop_votes > 0
         applied = not (math.isnan(norm) or (math.isinf(norm) and not self.scaler.is_enabled()))
-        if not applied:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-        else:
+        if applied:
             with nvtx("optimizer"):
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -254,6 +251,9 @@ class Trainer:
                     # The optimizer forgets the extractor and DDP stops waiting for its gradients.
                     self.scheduler = drop_frozen_group(self.optimizer, self.scheduler, self.cfg.optimizer)
                     self._wrap()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
         self.nonfinite.record(applied, self.step)
         return totals, applied, stop
 

@@ -106,7 +106,7 @@ class Validator:
 
     def __call__(self, model: DinoSR, step: int) -> dict[str, Any]:
         """Each set's results, logged; {} on the other ranks. Leaves the model in training mode."""
-        if not self.log.enabled:
+        if not self.log.enabled:  # the log is the main rank's
             return {}
         results = {}
         for name, data_cfg in self.cfg.validation.items():
