@@ -196,10 +196,10 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def run_layers(self, x: Tensor, frame_mask: Tensor | None, keep_last: int = 0) -> tuple[Tensor, Tensor | None]:
-        """The last layer's output (before the closing norm), and the feed-forward outputs before the residual of
-        the last `keep_last` layers, (keep_last, B, T, D), None when `keep_last` is 0: the teacher's targets and
-        the SpidR heads' inputs. Each kept output is written into one buffer as its layer ends, so no layer
-        outlives the next one and nothing is stacked afterwards."""
+        """The last layer's output (before pre-norm layers' closing norm), and the feed-forward outputs before the
+        residual of the last `keep_last` layers, (keep_last, B, T, D), None when `keep_last` is 0: the teacher's
+        targets and the SpidR heads' inputs. Each kept output is written into one buffer as its layer ends, so no
+        layer's output outlives the next layer and nothing is stacked afterwards."""
         x = x + self.pos_conv_embed(x, frame_mask)
         if self.norm_before_layers:
             x = self.layer_norm(x)
