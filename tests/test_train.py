@@ -364,6 +364,12 @@ def test_slurm_node_list_first_host():
     assert _first_host("node7") == "node7"
 
 
+def test_profile_writes_a_trace_of_the_scheduled_steps(tmp_path):
+    trainer = Trainer(tiny_config(optimizer={"max_steps": 7}, validation={}), tmp_path, CPU, profile=True, progress=False)
+    trainer.fit()
+    assert len(list((tmp_path / "profile").glob("*.pt.trace.json"))) == 1  # steps 5 to 7
+
+
 def test_dropping_the_frozen_group_keeps_the_schedule_at_its_step():
     cfg = tiny_config()
     model = build_model(cfg=cfg.model, model_type=cfg.run.model_type)
