@@ -384,9 +384,9 @@ def test_dropping_the_frozen_group_keeps_the_schedule_at_its_step():
     resumed_optimizer, resumed = build_optimizer(model, cfg.optimizer, torch.device("cpu"))  # as a resumed run builds
     resumed_optimizer.load_state_dict(optimizer.state_dict())
     resumed.load_state_dict(scheduler.state_dict())
-    optimizer.step()
-    scheduler.step()
-    resumed.step()
+    for each_optimizer, each_scheduler in ((optimizer, scheduler), (resumed_optimizer, resumed)):
+        each_optimizer.step()
+        each_scheduler.step()
     assert scheduler.get_last_lr() == resumed.get_last_lr() == [cfg.optimizer.lr * lr_factor(3, cfg.optimizer)]
 
 
