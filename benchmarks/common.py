@@ -133,6 +133,11 @@ class Results:
     smoke: bool | None = None  # None: a run on a CPU is a smoke run (not so for a benchmark of CPU work)
 
     def __post_init__(self) -> None:
+        if self.output is not None:  # a wrong --output fails now, not after the first measurement
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--output {self.output}: cannot make its folder ({error.strerror})") from error
         self._environment = environment(self.device)  # once: every row rewrites the file
         if self.smoke is None:
             self.smoke = self.device.type != "cuda"

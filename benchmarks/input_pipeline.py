@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/input_pipeline.py` from a checkout
 
 from benchmarks.common import ROOT, Results, measure_peaks  # noqa: E402
+from spidr_fast.cli import ArgumentParser, positive, report_user_errors  # noqa: E402
 from spidr_fast.data.loading import AudioSource, DataConfig, build_loader  # noqa: E402
 from spidr_fast.data.masking import MaskingConfig  # noqa: E402
 from spidr_fast.data.synthetic import SAMPLE_RATE, SyntheticCorpus  # noqa: E402
@@ -123,10 +124,10 @@ def compare_modes(manifest: Path, *, workers: int, repeats: int, min_seconds: fl
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few short files, one repeat")
-    parser.add_argument("--workers", type=int, default=1, help="loader workers (the rate is divided by them)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes; the median is reported")
+    parser.add_argument("--workers", type=positive(int), default=1, help="loader workers (the rate is divided by them)")
+    parser.add_argument("--repeats", type=positive(int), default=5, help="timed passes; the median is reported")
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
@@ -168,4 +169,4 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
-from spidr_fast.ops import _dispatch
+from spidr_fast.cli import ArgumentParser, report_user_errors  # noqa: E402
+from spidr_fast.ops import _dispatch  # noqa: E402
 from spidr_fast.ops.kernels import attention as attention_kernel  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
@@ -223,7 +224,7 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
     parser.add_argument(
         "--variants",
@@ -265,4 +266,4 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))

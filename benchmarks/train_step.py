@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
 from spidr_fast import ops  # noqa: E402
+from spidr_fast.cli import ArgumentParser, positive, report_user_errors  # noqa: E402
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices  # noqa: E402
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
 from spidr_fast.models.components import num_frames  # noqa: E402
-from spidr_fast.train.loop import compile_encoders  # noqa: E402
 
 TOTAL_STEPS = 400_000
 # SpidR's layout at toy sizes: three 32-channel convolutions, four 128-wide layers of two heads.
@@ -169,10 +169,10 @@ def breakdown(model, batch: Batch, dtype: torch.dtype, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 12 on a GPU)")
-    parser.add_argument("--seconds", type=float, default=None, help="clip length (default: 20 s on a GPU)")
+    parser.add_argument("--batch", type=positive(int), default=None, help="clips per step (default: 12 on a GPU)")
+    parser.add_argument("--seconds", type=positive(float), default=None, help="clip length (default: 20 s on a GPU)")
     parser.add_argument(
         "--variants",
         choices=("eager", "compiled", "all"),
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> Results:
         def build():
             model = copy.deepcopy(ours_template)
             if compiled:
-                compile_encoders(model)
+                model.compile_encoders()
             return on_backend(backend, make_step(model, batch, dtype), **per_op)
 
         return build
@@ -286,4 +286,4 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 
 from spidr_fast import abx
 from spidr_fast.baseline import mfcc_kmeans_quality
+from spidr_fast.cli import ArgumentParser, report_user_errors
 from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_source
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, SAMPLE_RATE
@@ -201,8 +201,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spidr_fast.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.evaluate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, help="training checkpoint, exported model.pt or official state "
                         "dict (default: the latest checkpoint of runs/spidr_fast/synthetic)")  # fmt: skip
     parser.add_argument("--model-type", choices=["spidr", "dinosr"],
@@ -224,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if bool(args.manifest) != bool(args.alignments):
         parser.error("--manifest and --alignments go together (neither: the synthetic corpus)")
-    try:  # a wrong path or value is named in one line, as python -m spidr_fast.train does
-        return _evaluate_and_report(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(_evaluate_and_report, args)
 
 
 def _evaluate_and_report(args: argparse.Namespace) -> int:

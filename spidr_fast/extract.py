@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spidr_fast.cli import ArgumentParser, positive, report_user_errors
 from spidr_fast.data.loading import AudioSource, SyntheticSource
 from spidr_fast.models import DinoSR, SpidR, build_model
 from spidr_fast.models.components import num_frames
@@ -177,8 +178,8 @@ def default_device() -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spidr_fast.extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.extract", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a training checkpoint (run_dir/checkpoints/step_*.pt), an exported model.pt or an "
                              "official state dict")  # fmt: skip
@@ -191,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-file-per-layer", action="store_true",
                         help="also gather each layer into one file, features/layer_L.pt (fileids, lengths, data)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
-    parser.add_argument("--max-batch-samples", type=int, default=DEFAULT_BATCH_SAMPLES,
+    parser.add_argument("--max-batch-samples", type=positive(int), default=DEFAULT_BATCH_SAMPLES,
                         help="padded samples per batch")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return report_user_errors(_extract, args)
+
+
+def _extract(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.checkpoint, args.model_type)
     device = torch.device(args.device) if args.device else default_device()
     model.to(device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from spidr_fast.data.loading import AudioSource
-from spidr_fast.train import loop
+from spidr_fast.train import validation
 from spidr_fast.train.__main__ import main
 
 
@@ -41,14 +41,14 @@ def run_with_a_slow_phase(phase: str, seconds: float, events: Path, argv: list[s
 
         torch.save = slow_save
     elif phase == "validation":
-        validate = loop.validate
+        validate = validation.validate
 
         def slow_validate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             announce()
             time.sleep(seconds)
             return validate(*args, **kwargs)
 
-        loop.validate = slow_validate
+        validation.validate = slow_validate
     elif phase == "decoder-crash":
         load = AudioSource.load
 

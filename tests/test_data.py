@@ -230,9 +230,9 @@ def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp
                                                            sampler.batch_seed(position), cfg, masking, frames_of)
         assert torch.equal(batch.waveforms, waveforms) and torch.equal(batch.mask_indices, mask_indices)
         if padding and bool((frames < frames.max()).any()):
-            assert batch.attention_mask.view(len(clips), -1).sum(1).tolist() == frames.tolist()
+            assert batch.frame_mask.sum(1).tolist() == frames.tolist()
         else:
-            assert batch.attention_mask is None
+            assert batch.frame_mask is None
         cropped += sum(c.num_samples < source.num_samples(c.index) for c in clips)
     assert cropped > 0  # the case that decodes less was tried
 
@@ -268,7 +268,7 @@ def test_a_batch_drops_the_rows_of_unreadable_files_and_pads_to_the_longest_left
         assert torch.equal(row[: clips[index].num_samples], dataset[clips[index]])
         assert not row[clips[index].num_samples :].any()
     frames = num_frames(model_cfg, torch.tensor([16_000, 24_000, 20_000]))
-    assert batch.attention_mask.shape == (3, 1, 1, int(frames.max()))
-    assert batch.attention_mask.view(3, -1).sum(1).tolist() == frames.tolist()
+    assert batch.frame_mask.shape == (3, int(frames.max()))
+    assert batch.frame_mask.sum(1).tolist() == frames.tolist()
     assert int(batch.mask_indices.max()) < int(frames.max())
     assert torch.equal(collate(dataset.__getitems__(clips[:3])).mask_indices, batch.mask_indices)  # the batch's seed

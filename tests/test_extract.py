@@ -84,7 +84,7 @@ def test_length_batches():
     assert length_batches([30, 10, 20], 100, padding_is_exact=False) == [[1], [2], [0]]
 
 
-def test_clear_errors(corpus, checkpoint, tmp_path):
+def test_clear_errors(corpus, checkpoint, tmp_path, capsys):
     model, _ = load_model(checkpoint)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_model(tmp_path / "missing.pt")
@@ -94,8 +94,8 @@ def test_clear_errors(corpus, checkpoint, tmp_path):
         parse_layers("two", model)
     with pytest.raises(ValueError, match="none of layers \\[0\\] has a head"):
         extract_to_folder(model, AudioSource(corpus), tmp_path, [0], units=True, progress=False)
-    with pytest.raises(FileNotFoundError, match="manifest not found"):
-        main(["--checkpoint", str(checkpoint), "--manifest", str(tmp_path / "no.tsv"), "--out", str(tmp_path)])
+    assert main(["--checkpoint", str(checkpoint), "--manifest", str(tmp_path / "no.tsv"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: manifest not found: {tmp_path / 'no.tsv'}\n"  # one line, no traceback
 
 
 def test_cli(corpus, checkpoint, tmp_path, capsys):

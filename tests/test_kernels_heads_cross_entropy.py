@@ -1,7 +1,7 @@
 """Triton heads' cross-entropy against autograd through a float64 formula: loss, mean_probs, dx, dW, db.
 
 A covering set rather than the product: every N, K, D, L and dtype of the issue appears, with and without bias,
-linear and cosine logits. Tolerances are the reference's own (tests/test_ops_heads.py)."""
+linear and cosine logits. Tolerances are the reference's own (tests/test_ops_heads_cross_entropy.py)."""
 
 import pytest
 import torch

@@ -247,6 +247,28 @@ def test_update_ema_lerps_copies_and_freezes(name):
     assert not any(p.requires_grad for p in model.feature_projection.parameters())
 
 
+def test_run_layers_hands_down_the_last_layers_stacked_and_takes_gradients():
+    encoder = tiny("spidr").student.eval()  # no dropout: two calls give the same outputs
+    x = torch.randn(2, 17, TINY["encoder_embed_dim"], requires_grad=True)
+    frame_mask = torch.arange(17) < torch.tensor([[17], [11]])
+    every_layer = encoder.get_intermediate_outputs(x, frame_mask)
+    last, kept = encoder.run_layers(x, frame_mask, keep_last=3)
+    assert kept.shape == (3, 2, 17, TINY["encoder_embed_dim"])
+    assert torch.equal(kept, torch.stack(every_layer[-3:]))
+    assert encoder.run_layers(x, frame_mask)[1] is None
+    (expected,) = torch.autograd.grad(torch.stack(every_layer[-3:]).square().sum(), x)
+    (through_the_buffer,) = torch.autograd.grad(kept.square().sum(), x)
+    torch.testing.assert_close(through_the_buffer, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_extractor_frozen_is_public(name):
+    model = tiny(name)
+    assert not model.extractor_frozen
+    model.freeze_extractor()
+    assert model.extractor_frozen and not any(p.requires_grad for p in model.feature_extractor.parameters())
+
+
 def test_teacher_schedules_by_hand():
     dinosr = tiny("dinosr", ema_final_step=100, freeze_step=300)
     assert dinosr.ema_decay(0) == pytest.approx(0.999)

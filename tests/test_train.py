@@ -13,11 +13,12 @@ from helpers import TINY, tiny_cli_args, tiny_config
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.train import checkpoint
 from spidr_fast.train import config as config_module
+from spidr_fast.models import build_model
 from spidr_fast.models.config import DinoSRConfig, SpidRConfig
 from spidr_fast.train.__main__ import build_config, main, parse_args
-from spidr_fast.train.distributed import Context, _first_host
+from spidr_fast.distributed import Context, _first_host
 from spidr_fast.train.loop import NonFiniteError, Trainer
-from spidr_fast.train.optim import lr_factor
+from spidr_fast.train.optim import build_optimizer, drop_frozen_group, lr_factor
 
 CPU = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NO_DROPOUT = dict(encoder_dropout=0.0, encoder_attention_dropout=0.0, encoder_layer_drop=0.0)
@@ -169,7 +170,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 def _ddp_rank(rank, port, run_dir, results):
     import torch.distributed as dist
 
-    from spidr_fast.train.distributed import setup
+    from spidr_fast.distributed import setup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     ctx = setup("cpu")
@@ -335,6 +336,32 @@ def test_unit_quality_of_known_clusterings():
 def test_slurm_node_list_first_host():
     assert _first_host("gpu[03-05,09],cpu1") == "gpu03"
     assert _first_host("node7") == "node7"
+
+
+def test_profile_writes_a_trace_of_the_scheduled_steps(tmp_path):
+    trainer = Trainer(tiny_config(optimizer={"max_steps": 7}, validation={}), tmp_path, CPU, profile=True, progress=False)
+    trainer.fit()
+    assert len(list((tmp_path / "profile").glob("*.pt.trace.json"))) == 1  # steps 5 to 7
+
+
+def test_dropping_the_frozen_group_keeps_the_schedule_at_its_step():
+    cfg = tiny_config()
+    model = build_model(cfg=cfg.model, model_type=cfg.run.model_type)
+    optimizer, scheduler = build_optimizer(model, cfg.optimizer, torch.device("cpu"))
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    model.freeze_extractor()
+    scheduler = drop_frozen_group(optimizer, scheduler, cfg.optimizer)
+    assert len(optimizer.param_groups) == 1 and scheduler.last_epoch == 2
+    assert scheduler.get_last_lr() == [cfg.optimizer.lr * lr_factor(2, cfg.optimizer)]
+    resumed_optimizer, resumed = build_optimizer(model, cfg.optimizer, torch.device("cpu"))  # as a resumed run builds
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(scheduler.state_dict())
+    for each_optimizer, each_scheduler in ((optimizer, scheduler), (resumed_optimizer, resumed)):
+        each_optimizer.step()
+        each_scheduler.step()
+    assert scheduler.get_last_lr() == resumed.get_last_lr() == [cfg.optimizer.lr * lr_factor(3, cfg.optimizer)]
 
 
 def test_freeze_step_drops_the_extractor_from_the_optimizer(tmp_path):

@@ -314,18 +314,18 @@ class BucketBatchSampler(Sampler[list[Clip]]):
 @dataclass
 class Batch:
     waveforms: Tensor  # (B, samples)
-    attention_mask: Tensor | None  # (B, 1, 1, T) bool, True on real frames; None when nothing is padded
+    frame_mask: Tensor | None  # (B, T) bool, True on real frames (the model's layout); None when nothing is padded
     mask_indices: Tensor  # (B, M) int64
     skipped: int  # unreadable files dropped from this batch
 
     def pin_memory(self) -> "Batch":
         return Batch(self.waveforms.pin_memory(),
-                     None if self.attention_mask is None else self.attention_mask.pin_memory(),
+                     None if self.frame_mask is None else self.frame_mask.pin_memory(),
                      self.mask_indices.pin_memory(), self.skipped)  # fmt: skip
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.waveforms.to(device, non_blocking=True),
-                     None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True),
+                     None if self.frame_mask is None else self.frame_mask.to(device, non_blocking=True),
                      self.mask_indices.to(device, non_blocking=True), self.skipped)  # fmt: skip
 
 
@@ -342,11 +342,11 @@ class Collator:
         generator.set_state(decoded.batch_rng_state)
         frames = self.frames_of(torch.tensor(decoded.lengths))
         total = int(frames.max())
-        attention_mask = None
+        frame_mask = None
         if bool((frames < total).any()):
-            attention_mask = (torch.arange(total) < frames.unsqueeze(1))[:, None, None, :]
+            frame_mask = torch.arange(total) < frames.unsqueeze(1)
         mask_indices = compute_mask_indices(self.masking, frames, generator)
-        return Batch(decoded.waveforms, attention_mask, mask_indices, decoded.skipped)
+        return Batch(decoded.waveforms, frame_mask, mask_indices, decoded.skipped)
 
 
 def build_loader(

@@ -195,7 +195,11 @@ class Transformer(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def _run_layers(self, x: Tensor, frame_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def run_layers(self, x: Tensor, frame_mask: Tensor | None, keep_last: int = 0) -> tuple[Tensor, Tensor | None]:
+        """The last layer's output (before pre-norm layers' closing norm), and the feed-forward outputs before the
+        residual of the last `keep_last` layers, (keep_last, B, T, D), None when `keep_last` is 0: the teacher's
+        targets and the SpidR heads' inputs. Each kept output is written into one buffer as its layer ends, so no
+        layer's output outlives the next layer and nothing is stacked afterwards."""
         x = x + self.pos_conv_embed(x, frame_mask)
         if self.norm_before_layers:
             x = self.layer_norm(x)
@@ -204,17 +208,25 @@ class Transformer(nn.Module):
         dropped = None
         if self.training and self.layer_drop > 0:
             dropped = torch.rand(len(self.layers), device=x.device) <= self.layer_drop
-        before_residual = []
+        first_kept = len(self.layers) - keep_last
+        kept = None
         for i, layer in enumerate(self.layers):
-            out, layer_result = layer(x, frame_mask)
+            out, before_residual = layer(x, frame_mask)
             x = out if dropped is None else torch.where(dropped[i], x, out)
-            before_residual.append(layer_result)
-        return x, before_residual
+            if i >= first_kept:
+                if kept is None:
+                    kept = before_residual.new_empty((keep_last, *before_residual.shape))
+                kept[i - first_kept] = before_residual
+        return x, kept
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """torch.compile `run_layers`, which every entry point goes through, with dynamic batch and time sizes."""
+        self.run_layers = torch.compile(self.run_layers, backend=backend, dynamic=True)
 
     def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> Tensor:
-        x, _ = self._run_layers(x, frame_mask)
+        x, _ = self.run_layers(x, frame_mask)
         return x if self.norm_before_layers else self.layer_norm(x)
 
     def get_intermediate_outputs(self, x: Tensor, frame_mask: Tensor | None = None) -> list[Tensor]:
         """Each layer's feed-forward output before the residual, first layer first."""
-        return self._run_layers(x, frame_mask)[1]
+        return list(self.run_layers(x, frame_mask, keep_last=len(self.layers))[1].unbind(0))

@@ -4,10 +4,10 @@ EMA codebooks assign to the instance-normalised outputs of the last L layers of 
 import copy
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from spidr_fast import ops
+from spidr_fast.distributed import is_distributed, sum_over_ranks
 from spidr_fast.models.components import FeatureExtractor, FeatureProjection, Transformer
 from spidr_fast.models.config import DinoSRConfig
 from spidr_fast.nn.codebook import EMACodebooks
@@ -93,6 +93,20 @@ class DinoSR(nn.Module):
     def num_codebooks(self) -> int:
         return len(self.codebooks)
 
+    @property
+    def extractor_frozen(self) -> bool:
+        """Whether the feature extractor and projection are frozen (from freeze_step on): they take no gradient."""
+        return self._extractor_frozen
+
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """torch.compile the student's and the teacher's transformer layers, almost all of the FLOPs, with dynamic
+        batch and time sizes from the first call, so cropped batches of every length share one graph each and
+        nothing recompiles after warm-up. The convolutional extractor stays eager: inductor (torch 2.13) fails on
+        the symbolic lengths of strided convolutions (ValueRangeError), and the alternative, padding batches to
+        fixed length buckets, would spend compute on padding and change the official crop."""
+        self.student.compile_layers(backend)
+        self.teacher.compile_layers(backend)
+
     def train(self, mode: bool = True) -> "DinoSR":
         super().train(mode)
         self.teacher.eval()  # the teacher never drops anything
@@ -172,9 +186,10 @@ class DinoSR(nn.Module):
         targets, (L, B, T) int64."""
         feats = self._features(waveforms)
         batch, frames, _ = feats.shape
-        teacher_layers = self.teacher.get_intermediate_outputs(feats, _frame_mask(attention_mask, batch, frames))
+        frame_mask = _frame_mask(attention_mask, batch, frames)
+        _, teacher_layers = self.teacher.run_layers(feats, frame_mask, keep_last=self.num_codebooks)
         every_frame = torch.arange(batch * frames, device=feats.device)
-        labels, _, _ = self.codebooks.assign_layers(torch.stack(teacher_layers[-self.num_codebooks :]), every_frame)
+        labels, _, _ = self.codebooks.assign_layers(teacher_layers, every_frame)
         return labels.view(-1, batch, frames)
 
     # --- objective -------------------------------------------------------------------------------------------------
@@ -210,9 +225,9 @@ class DinoSR(nn.Module):
         predictions = self._student_predictions(x, frame_mask, frame_index)
 
         with torch.no_grad():
-            teacher_layers = self.teacher.get_intermediate_outputs(feats, frame_mask)[-self.num_codebooks :]
+            _, teacher_layers = self.teacher.run_layers(feats, frame_mask, keep_last=self.num_codebooks)
             # Official targets: statistics over all T frames, padding included (no lengths), fused with assignment.
-            labels, batch_counts, batch_sums = self.codebooks.assign_layers(torch.stack(teacher_layers), frame_index)
+            labels, batch_counts, batch_sums = self.codebooks.assign_layers(teacher_layers, frame_index)
 
         weight = torch.stack([head[0].weight for head in self.heads])
         bias = torch.stack([head[0].bias for head in self.heads])
@@ -239,9 +254,9 @@ class DinoSR(nn.Module):
         target and prediction distributions over codewords (L, K) of the global batch."""
         update = self.training and self.codebooks.decay < 1.0
         num_frames = batch_counts[0].sum()
-        if _distributed():
+        if is_distributed():
             parts = [batch_counts, mean_probs * num_frames, num_frames] + ([batch_sums] if update else [])
-            batch_counts, prob_sums, num_frames, *rest = _all_reduce_as_one(parts)
+            batch_counts, prob_sums, num_frames, *rest = sum_over_ranks(*parts)
             batch_sums = rest[0] if update else batch_sums
             mean_probs = prob_sums / num_frames.clamp_min(1)
         if update:
@@ -254,17 +269,5 @@ class DinoSR(nn.Module):
         one all-reduce over ranks, then the EMA update. For gradient accumulation and skipped steps."""
         if self.codebooks.decay >= 1.0:
             return
-        if _distributed():
-            batch_counts, batch_sums = _all_reduce_as_one([batch_counts, batch_sums])
-        self.codebooks.update_(batch_counts, batch_sums)
+        self.codebooks.update_(*sum_over_ranks(batch_counts, batch_sums))
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_as_one(tensors: list[Tensor]) -> list[Tensor]:
-    """Sum each tensor over ranks with a single all-reduce of one flat buffer."""
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]

@@ -3,7 +3,6 @@ teacher follows an exponential EMA schedule, and the student's unused last norm 
 
 import math
 
-import torch
 from torch import Tensor
 
 from spidr_fast.models.config import SpidRConfig
@@ -32,5 +31,5 @@ class SpidR(DinoSR):
         return self.get_intermediate_outputs(waveforms, attention_mask=attention_mask)[-self.num_codebooks :]
 
     def _student_predictions(self, x: Tensor, frame_mask: Tensor | None, frame_index: Tensor) -> Tensor:
-        layers = self.student.get_intermediate_outputs(x, frame_mask)[-self.num_codebooks :]
-        return torch.stack([y.flatten(0, 1).index_select(0, frame_index) for y in layers])
+        _, layers = self.student.run_layers(x, frame_mask, keep_last=self.num_codebooks)
+        return layers.flatten(1, 2).index_select(1, frame_index)

@@ -14,16 +14,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from spidr_fast.cli import ArgumentParser, report_user_errors
 from spidr_fast.preemption import Preemption
 
 if __name__ == "__main__":  # before the imports below, which take seconds: a signal during start-up is not lost
     STARTUP_PREEMPTION = Preemption().__enter__()
 
+from spidr_fast import distributed  # noqa: E402
 from spidr_fast.metrics import describe  # noqa: E402
 from spidr_fast.plots import plot_training  # noqa: E402
 from spidr_fast.train import checkpoint  # noqa: E402
 from spidr_fast.train import config as config_module  # noqa: E402
-from spidr_fast.train import distributed  # noqa: E402
 from spidr_fast.train.checkpoint import CheckpointWriteError, export_state_dict  # noqa: E402
 from spidr_fast.train.loop import NonFiniteError, Trainer  # noqa: E402
 
@@ -46,8 +47,8 @@ FIELD_FLAGS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m spidr_fast.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="TOML or JSON config with the official sections (run, data, model, "
                         "optimizer, masking, validation); without it, the small synthetic-corpus run")  # fmt: skip
     parser.add_argument("--model", choices=["spidr", "dinosr"], help="run.model_type")
@@ -124,17 +125,13 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
 def main(argv: list[str] | None = None, preemption: Preemption | None = None) -> int:
     """`preemption`: the signal handling entered at start-up, if any; kept until the last checkpoint is written."""
     with preemption or Preemption() as active:
-        return _main(argv, active)
+        return report_user_errors(_main, argv, active)
 
 
 def _main(argv: list[str] | None, preemption: Preemption) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = build_config(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
     run_dir = (args.run_dir or cfg.run.dir).resolve()
     ctx = distributed.setup(args.device, cfg.run.collective_timeout)
     try:
@@ -150,9 +147,6 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
     except (NonFiniteError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except RuntimeError as error:
         if ctx.world_size == 1:
             raise

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,30 @@ def load_latest(folder: Path) -> dict[str, Any] | None:
         logger.info("resuming from %s", path)
         return state
     return None
+
+
+class Checkpointer:
+    """A run's checkpoints, in `folder`: the one to resume from, one every `save_interval` steps and one at the
+    end, the latest `keep_latest` kept. Only the main rank writes (`enabled`); every rank resumes."""
+
+    def __init__(self, folder: Path, save_interval: int, keep_latest: int, enabled: bool) -> None:
+        self.folder, self.save_interval, self.keep_latest, self.enabled = folder, save_interval, keep_latest, enabled
+
+    def load_latest(self) -> dict[str, Any] | None:
+        return load_latest(self.folder)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, if any."""
+        found = checkpoints(self.folder)
+        return found[-1] if found else None
+
+    def save(self, step: int, state: Callable[[], dict[str, Any]]) -> Path | None:
+        """`state()` gives what to write; the other ranks do not call it."""
+        return save_checkpoint(self.folder, step, state(), self.keep_latest) if self.enabled else None
+
+    def save_if_due(self, step: int, state: Callable[[], dict[str, Any]]) -> None:
+        if step % self.save_interval == 0:
+            self.save(step, state)
 
 
 def export_state_dict(model: torch.nn.Module, model_config: Any, folder: Path) -> Path:

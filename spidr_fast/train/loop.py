@@ -9,31 +9,30 @@ One optimizer step, on every rank:
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import signal
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from spidr_fast.data.loading import Batch, build_loader
+from spidr_fast.distributed import Context, sum_over_ranks
 from spidr_fast.models import build_model
 from spidr_fast.models.components import num_frames
 from spidr_fast.preemption import Preemption
 from spidr_fast.train import checkpoint
 from spidr_fast.train.config import TrainConfig
-from spidr_fast.train.distributed import Context
-from spidr_fast.train.optim import build_optimizer
-from spidr_fast.train.validation import validate
+from spidr_fast.train.optim import build_optimizer, drop_frozen_group
+from spidr_fast.train.profiling import nvtx, profiled_steps
+from spidr_fast.train.reporting import MetricsLog, TrainingMetrics
+from spidr_fast.train.validation import Validator
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,62 +42,29 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def _nvtx(name: str) -> contextlib.AbstractContextManager:
-    """An NVTX range for Nsight on a GPU; nothing on a CPU."""
-    if torch.cuda.is_available():
-        import nvtx
+class NonFiniteGuard:
+    """The non-finite policy: a skipped step is logged, and `max_in_a_row` of them in a row stop the run, naming
+    the last good checkpoint."""
 
-        return nvtx.annotate(name)
-    return contextlib.nullcontext()
+    def __init__(self, max_in_a_row: int, checkpointer: checkpoint.Checkpointer) -> None:
+        self.max_in_a_row, self.checkpointer, self.in_a_row = max_in_a_row, checkpointer, 0
 
-
-class MetricsLog:
-    """JSON lines always; TensorBoard and wandb when asked for and installed."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.sinks: list[Any] = []
-        if not enabled:
+    def record(self, applied: bool, step: int) -> None:
+        """After each step, whether it was `applied`; `step`: the steps applied so far."""
+        if applied:
+            self.in_a_row = 0
             return
-        self.path = run_dir / "metrics.jsonl"
-        if "tensorboard" in cfg.run.loggers:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.sinks.append(SummaryWriter(str(run_dir / "tensorboard")))
-            except ImportError:
-                logger.warning("run.loggers asks for tensorboard, which is not installed")
-        if "wandb" in cfg.run.loggers:
-            try:
-                import wandb
-
-                self.sinks.append(wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name, mode=cfg.run.wandb_mode,
-                                             dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow"))  # fmt: skip
-            except ImportError:
-                logger.warning("run.loggers asks for wandb, which is not installed")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        for sink in self.sinks:
-            scalars = {f"{record['split']}/{k}": v for k, v in record.items() if isinstance(v, int | float)}
-            if hasattr(sink, "add_scalar"):
-                for key, value in scalars.items():
-                    sink.add_scalar(key, value, step)
-            else:
-                sink.log(scalars, step=step)
-
-
-def compile_encoders(model: torch.nn.Module, backend: str = "inductor") -> None:
-    """torch.compile the student's and the teacher's transformer layers (see `Trainer._wrap` for why only them)."""
-    for encoder in (model.student, model.teacher):  # `_run_layers` serves every entry point
-        encoder._run_layers = torch.compile(encoder._run_layers, backend=backend, dynamic=True)
+        self.in_a_row += 1
+        logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step + 1, self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(f"{self.in_a_row} non-finite steps in a row at step {step}: stopping. "
+                                 f"Last good checkpoint: {self.checkpointer.latest() or 'none'}")  # fmt: skip
 
 
 class Trainer:
+    """A run: the model, its data, optimizer and state, and the collaborators that `fit` calls around each step:
+    the checkpointer, the metrics, the validator, the non-finite guard and the profiler."""
+
     def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_backend: str | None = None,
                  profile: bool = False, progress: bool = True, preemption: Preemption | None = None) -> None:  # fmt: skip
         """`compile_backend`: None runs eagerly; "inductor" is torch.compile's default. `preemption`: the signal
@@ -107,8 +73,6 @@ class Trainer:
         self.preemption = preemption or Preemption()
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.compile_backend, self.profile, self.progress = compile_backend, profile, progress
-        self._compiled = False
         self.device = ctx.device
         self.dtype = DTYPES[cfg.optimizer.dtype]
         torch.manual_seed(cfg.run.random_seed)
@@ -118,10 +82,13 @@ class Trainer:
         self.model.to(self.device).train()
         self.model.defer_codebook_updates = True
         self.loader = self._build_loader(frozenset())
-        self.step, self.epoch, self.position, self.nonfinite_in_a_row, self.skipped_files = 0, 0, 0, 0, 0
-        state = checkpoint.load_latest(self.checkpoint_dir)
+        self.checkpointer = checkpoint.Checkpointer(run_dir / "checkpoints", cfg.run.save_interval,
+                                                    cfg.run.keep_latest, enabled=ctx.is_main)  # fmt: skip
+        self.nonfinite = NonFiniteGuard(cfg.run.max_nonfinite_steps, self.checkpointer)
+        self.step, self.epoch, self.position, self.skipped_files = 0, 0, 0, 0
+        state = self.checkpointer.load_latest()
         if state is not None:
-            _check_same_model(state.get("config", {}), dataclasses.asdict(cfg), self.checkpoint_dir)
+            _check_same_model(state.get("config", {}), dataclasses.asdict(cfg), self.checkpointer.folder)
             self.model.load_state_dict(state["model"])
             self.step = state["step"]
             _carry_position_over(state, ctx.world_size)
@@ -131,28 +98,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         if state is not None:
             self._restore(state)
+        if compile_backend:  # see `DinoSR.compile_encoders` for what is compiled, and why only that
+            self.model.compile_encoders(compile_backend)
         self._wrap()
-        self.log = MetricsLog(cfg, run_dir, enabled=ctx.is_main)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        log = MetricsLog(cfg, run_dir, enabled=ctx.is_main)
+        self.metrics = TrainingMetrics(log, cfg.run.log_interval, cfg.optimizer.max_steps, progress)
+        self.validator = Validator(cfg, log, self.preemption, self.device, self.dtype)
+        self.trace_dir = run_dir / "profile" if profile and ctx.is_main else None
 
     # --- state -----------------------------------------------------------------------------------------------------
 
     def _wrap(self) -> None:
-        """torch.compile, then DDP (every trainable parameter takes a gradient, so no find_unused_parameters;
-        codebooks are kept equal by their own all-reduce, so no buffer broadcast).
-
-        Compiled: the student and the teacher transformers, almost all of the FLOPs, with dynamic batch and time
-        sizes from the first call, so cropped batches of every length share one graph each and nothing
-        recompiles after warm-up. The convolutional extractor stays eager: inductor (torch 2.13) fails on the
-        symbolic lengths of strided convolutions (ValueRangeError), and the alternative, padding batches to
-        fixed length buckets, would spend compute on padding and change the official crop.
-        """
-        if self.compile_backend and not self._compiled:
-            compile_encoders(self.model, self.compile_backend)
-            self._compiled = True
+        """DDP (every trainable parameter takes a gradient, so no find_unused_parameters; codebooks are kept equal
+        by their own all-reduce, so no buffer broadcast); again when the extractor freezes."""
         self.net: torch.nn.Module = self.model
         if self.ctx.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -165,7 +123,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_files": self.skipped_files,
+            "nonfinite_in_a_row": self.nonfinite.in_a_row, "skipped_files": self.skipped_files,
             "world_size": self.ctx.world_size,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -177,15 +135,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.position = state["epoch"], state["position"]
-        self.nonfinite_in_a_row, self.skipped_files = state["nonfinite_in_a_row"], state["skipped_files"]
+        self.nonfinite.in_a_row, self.skipped_files = state["nonfinite_in_a_row"], state["skipped_files"]
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def save(self) -> Path | None:
-        if not self.ctx.is_main:
-            return None
-        return checkpoint.save_checkpoint(self.checkpoint_dir, self.step, self._state(), self.cfg.run.keep_latest)
+        return self.checkpointer.save(self.step, self._state)
 
     # --- data ------------------------------------------------------------------------------------------------------
 
@@ -244,9 +200,7 @@ class Trainer:
         # The global masked-frame count normalises the loss (the official rule) and carries the stop flag, so
         # one small all-reduce per step serves both; it stays on the device.
         local = torch.tensor([sum(b.mask_indices.numel() for b in batches), stop_flag], dtype=torch.float32)
-        local = local.to(self.device)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(local)
+        (local,) = sum_over_ranks(local.to(self.device))
         global_frames, stop_votes = local[0].clamp_min(1.0), local[1]
         totals: dict[str, Tensor] = {}
         for i, cpu_batch in enumerate(batches):
@@ -254,10 +208,10 @@ class Trainer:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.net.no_sync()
             with sync:
-                with _nvtx("forward"), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+                with nvtx("forward"), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
                     loss, out = self.net(batch.waveforms, mask_indices=batch.mask_indices,
-                                         attention_mask=batch.attention_mask)  # fmt: skip
-                with _nvtx("backward"):
+                                         attention_mask=batch.frame_mask)  # fmt: skip
+                with nvtx("backward"):
                     self.scaler.scale(loss.sum() * self.ctx.world_size / global_frames).backward()
             detached = {"loss_sum": loss.detach().sum(), "frames": torch.tensor(float(loss.numel())),
                         "target_ppl": out["target_ppl"].detach() / len(batches),
@@ -280,154 +234,66 @@ class Trainer:
         # an fp16 overflow, which the scaler skips and backs off from, as in the official loop.
         norm, stop_votes = torch.stack([grad_norm.float(), stop_votes.float()]).tolist()
         stop = stop_votes > 0
-        if math.isnan(norm) or (math.isinf(norm) and not self.scaler.is_enabled()):
+        applied = not (math.isnan(norm) or (math.isinf(norm) and not self.scaler.is_enabled()))
+        if applied:
+            with nvtx("optimizer"):
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+            with nvtx("codebooks"):
+                self.model.update_codebooks(totals["codebook_counts"], totals["codebook_sums"])
+            self.step += 1
+            with nvtx("ema"):
+                was_frozen = self.model.extractor_frozen
+                totals["ema_decay"] = torch.tensor(self.model.update_ema(self.step))
+                if self.model.extractor_frozen and not was_frozen:
+                    # The optimizer forgets the extractor and DDP stops waiting for its gradients.
+                    self.scheduler = drop_frozen_group(self.optimizer, self.scheduler, self.cfg.optimizer)
+                    self._wrap()
+        else:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
-            self.nonfinite_in_a_row += 1
-            return totals, False, stop
-        with _nvtx("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        with _nvtx("codebooks"):
-            self.model.update_codebooks(totals["codebook_counts"], totals["codebook_sums"])
-        self.step += 1
-        self.nonfinite_in_a_row = 0
-        with _nvtx("ema"):
-            frozen = self.model._extractor_frozen
-            totals["ema_decay"] = torch.tensor(self.model.update_ema(self.step))
-            if self.model._extractor_frozen and not frozen:
-                self._drop_frozen_parameters()
-        return totals, True, stop
-
-    def _drop_frozen_parameters(self) -> None:
-        """At freeze_step: the optimizer forgets the extractor's group and DDP stops waiting for its gradients."""
-        if len(self.optimizer.param_groups) > 1:
-            for param in self.optimizer.param_groups[1]["params"]:
-                self.optimizer.state.pop(param, None)
-            del self.optimizer.param_groups[1]
-            for per_group in (self.scheduler.base_lrs, self.scheduler.lr_lambdas, self.scheduler._last_lr):
-                del per_group[1]
-        self._wrap()
+        self.nonfinite.record(applied, self.step)
+        return totals, applied, stop
 
     # --- the run ---------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Train to optimizer.max_steps or a stop signal, checkpoint, and validate unless stopped."""
         with self.preemption:
-            return self._fit()
+            preempted = self._train()
+            last_checkpoint = self.save()
+            summary = {"run_dir": str(self.run_dir), "step": self.step, "preempted": preempted,
+                       "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+                       "skipped_files": self.skipped_files, "train": self.metrics.last_record}  # fmt: skip
+            if not preempted:
+                summary["validation"] = self.validate()
+            return summary
 
-    def _fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
-        cfg = self.cfg.run
-        max_steps = self.cfg.optimizer.max_steps
+    def _train(self) -> bool:
+        """Steps until max_steps; returns whether a stop signal ended them first."""
         batches = self._batches()
-        interval: dict[str, Tensor] = {}
-        interval_start, last_logged, preempted = time.perf_counter(), {}, False
-        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and self.progress),
-                   desc="training", unit="step", dynamic_ncols=True)  # fmt: skip
-        profiler = self._profiler()
-        try:
-            while self.step < max_steps:
-                with _nvtx("data"):
-                    micro_batches = [next(batches) for _ in range(cfg.accumulate)]
+        with self.metrics.shown(self.step), profiled_steps(self.trace_dir, self.device) as profile_step:
+            while self.step < self.cfg.optimizer.max_steps:
+                with nvtx("data"):
+                    micro_batches = [next(batches) for _ in range(self.cfg.run.accumulate)]
                 totals, applied, stop = self.train_step(micro_batches, float(self.preemption.requested))
-                if profiler is not None:
-                    profiler.step()
-                if not applied:
-                    logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
-                                   self.step + 1, self.nonfinite_in_a_row)  # fmt: skip
-                    if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        path = checkpoint.checkpoints(self.checkpoint_dir)
-                        raise NonFiniteError(
-                            f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}: stopping. "
-                            f"Last good checkpoint: {path[-1] if path else 'none'}"
-                        )
-                else:
-                    bar.update()
-                    for key in ("loss_sum", "frames", "target_ppl", "pred_ppl", "grad_norm"):
-                        interval[key] = interval.get(key, 0) + totals[key]
-                    interval["steps"] = interval.get("steps", 0) + 1
-                    if self.step % cfg.log_interval == 0 or self.step == max_steps:
-                        last_logged = self._log_interval(interval, time.perf_counter() - interval_start, totals)
-                        bar.set_postfix(loss=f"{last_logged['loss']:.3f}", target_ppl=f"{last_logged['target_ppl']:.1f}",
-                                        pred_ppl=f"{last_logged['pred_ppl']:.1f}")  # fmt: skip
-                        interval, interval_start = {}, time.perf_counter()
-                    if self.step % cfg.save_interval == 0:
-                        self.save()
-                    if cfg.validate_interval and self.step % cfg.validate_interval == 0 and self.step < max_steps:
+                profile_step()
+                if applied:
+                    self.metrics.step_applied(totals, step=self.step, epoch=self.epoch,
+                                              lr=self.scheduler.get_last_lr()[0], skipped_files=self.skipped_files)  # fmt: skip
+                    self.checkpointer.save_if_due(self.step, self._state)
+                    if self.validator.due(self.step):
                         self.validate()
                 # Ranks stop together, after the step whose all-reduce carried a vote; a single process needs no
                 # vote and stops after the step in progress.
                 if stop or (self.ctx.world_size == 1 and self.preemption.requested):
-                    preempted = True
-                    break
-        finally:
-            bar.close()
-            if profiler is not None:
-                profiler.stop()
-        last_checkpoint = self.save()
-        summary = {"run_dir": str(self.run_dir), "step": self.step, "preempted": preempted,
-                   "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-                   "skipped_files": self.skipped_files, "train": last_logged}  # fmt: skip
-        if not preempted:
-            summary["validation"] = self.validate()
-        return summary
-
-    def _log_interval(self, interval: dict[str, Tensor], seconds: float, totals: dict[str, Tensor]) -> dict[str, Any]:
-        steps = interval["steps"]
-        record = {
-            "split": "train", "step": self.step, "epoch": self.epoch,
-            "loss": float(interval["loss_sum"] / interval["frames"]),
-            "target_ppl": float(interval["target_ppl"]) / steps, "pred_ppl": float(interval["pred_ppl"]) / steps,
-            "grad_norm": float(interval["grad_norm"]) / steps, "lr": self.scheduler.get_last_lr()[0],
-            "ema_decay": float(totals["ema_decay"]), "steps_per_s": steps / max(seconds, 1e-9),
-            "skipped_files": self.skipped_files,
-        }  # fmt: skip
-        self.log.write(record)
-        return record
+                    return True
+        return False
 
     def validate(self) -> dict[str, Any]:
-        """On the main rank only: validation forwards need no collective. A preemption signal stops it at the
-        next batch or file, unlogged, so that the checkpoint comes within the scheduler's grace period."""
-        if not self.ctx.is_main:
-            return {}
-        results = {}
-        for name, data_cfg in self.cfg.validation.items():
-            result = validate(self.model, data_cfg, self.cfg.masking, self.device, self.dtype,
-                              should_stop=lambda: self.preemption.requested)
-            if result is None:
-                logger.warning("validation [%s] interrupted by %s", name, self.preemption.signal_name)
-                break
-            results[name] = result
-            self.log.write({"split": f"valid/{name}", "step": self.step, **_flatten(result)})
-        self.model.train()
-        return results
-
-    def _profiler(self) -> torch.profiler.profile | None:
-        if not (self.profile and self.ctx.is_main):
-            return None
-        trace_dir = self.run_dir / "profile"
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        profiler = torch.profiler.profile(
-            activities=activities, schedule=torch.profiler.schedule(wait=2, warmup=2, active=3, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
-        )  # fmt: skip
-        profiler.start()
-        return profiler
-
-
-def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}/")
-        elif isinstance(value, int | float) and math.isfinite(value):
-            flat[f"{prefix}{key}"] = value
-    return flat
+        return self.validator(self.model, self.step)
 
 
 def _carry_position_over(state: dict[str, Any], world_size: int) -> None:

@@ -30,18 +30,38 @@ def lr_factor(step: int, cfg: OptimizerConfig) -> float:
     return 1 / math.sqrt(1 + (decaying + cfg.rsqrt_shift) / cfg.rsqrt_timescale)
 
 
+Scheduler = torch.optim.lr_scheduler.LambdaLR
+FROZEN_GROUP = 1  # the index of the parameters frozen at freeze_step, when there are any
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, device: torch.device
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """Group 0: trained throughout; group 1: the parameters frozen at freeze_step (official layout)."""
+) -> tuple[torch.optim.AdamW, Scheduler]:
+    """Group 0: trained throughout; group 1: the parameters frozen at freeze_step (official layout), absent
+    when they are frozen already."""
     groups: list[dict] = [{"params": []}, {"params": []}]
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith(tuple(cfg.exclude_from_optimizer)):
             continue
-        groups[1 if name.startswith(tuple(cfg.to_freeze)) else 0]["params"].append(param)
+        groups[FROZEN_GROUP if name.startswith(tuple(cfg.to_freeze)) else 0]["params"].append(param)
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
         weight_decay=cfg.weight_decay, fused=device.type == "cuda",
     )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    return optimizer, scheduler
+    return optimizer, _schedule(optimizer, cfg, steps_done=0)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, steps_done: int) -> Scheduler:
+    """The official schedule, `steps_done` scheduler steps in: each group's lr is its initial lr times the factor."""
+    return Scheduler(optimizer, lambda step: lr_factor(step, cfg), last_epoch=steps_done - 1)
+
+
+def drop_frozen_group(optimizer: torch.optim.Optimizer, scheduler: Scheduler, cfg: OptimizerConfig) -> Scheduler:
+    """At freeze_step: the optimizer forgets the frozen group and its state, as if built without it (what a run
+    resumed after freeze_step builds); returns the schedule for the groups left, at the same step. The schedule is
+    rebuilt through its constructor because a scheduler keeps per-group lists that it has no public way to shrink."""
+    if len(optimizer.param_groups) <= FROZEN_GROUP:
+        return scheduler
+    for param in optimizer.param_groups.pop(FROZEN_GROUP)["params"]:
+        optimizer.state.pop(param, None)
+    return _schedule(optimizer, cfg, steps_done=scheduler.last_epoch)

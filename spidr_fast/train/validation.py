@@ -2,6 +2,7 @@
 frame labels (the synthetic corpus's own, or an alignments JSONL of {"fileid", "phones": [one per 10 ms]}), beside
 that of k-means on MFCCs with as many units."""
 
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -18,6 +19,11 @@ from spidr_fast.data.synthetic import PHONES
 from spidr_fast.metrics import joint_counts, unit_quality
 from spidr_fast.models import DinoSR
 from spidr_fast.models.components import frame_hop, num_frames
+from spidr_fast.preemption import Preemption
+from spidr_fast.train.config import TrainConfig
+from spidr_fast.train.reporting import MetricsLog, flatten
+
+logger = logging.getLogger(__name__)
 
 
 def frame_labels(source: AudioSource | SyntheticSource, cfg: DataConfig) -> tuple[list[np.ndarray], int] | None:
@@ -49,7 +55,7 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
             continue
         batch = batch.to(device)
         with autocast:
-            loss, out = model(batch.waveforms, mask_indices=batch.mask_indices, attention_mask=batch.attention_mask)
+            loss, out = model(batch.waveforms, mask_indices=batch.mask_indices, attention_mask=batch.frame_mask)
         loss_sum, frames = loss_sum + float(loss.sum()), frames + loss.numel()
         target_ppl, pred_ppl, batches = target_ppl + float(out["target_ppl"]), pred_ppl + float(out["pred_ppl"]), batches + 1
     results: dict[str, Any] = {"loss": loss_sum / max(frames, 1), "target_ppl": target_ppl / max(batches, 1),
@@ -82,3 +88,34 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
         results["baseline"] = mfcc_kmeans_quality(source, cfg, phones, num_phones, model.cfg.codebook_size,
                                                   frame_hop(model.cfg))  # fmt: skip
     return results
+
+
+class Validator:
+    """Every validation set of a run, every `run.validate_interval` steps and at its end, on the main rank only
+    (validation forwards need no collective). A preemption signal stops it at the next batch or file, unlogged,
+    so that the checkpoint comes within the scheduler's grace period."""
+
+    def __init__(self, cfg: TrainConfig, log: MetricsLog, preemption: Preemption, device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        self.cfg, self.log, self.preemption, self.device, self.dtype = cfg, log, preemption, device, dtype
+
+    def due(self, step: int) -> bool:
+        """Whether to validate after `step` within the run (the last step's validation is the run's closing one)."""
+        interval = self.cfg.run.validate_interval
+        return bool(interval) and step % interval == 0 and step < self.cfg.optimizer.max_steps
+
+    def __call__(self, model: DinoSR, step: int) -> dict[str, Any]:
+        """Each set's results, logged; {} on the other ranks. Leaves the model in training mode."""
+        if not self.log.enabled:  # the log is the main rank's
+            return {}
+        results = {}
+        for name, data_cfg in self.cfg.validation.items():
+            result = validate(model, data_cfg, self.cfg.masking, self.device, self.dtype,
+                              should_stop=lambda: self.preemption.requested)  # fmt: skip
+            if result is None:
+                logger.warning("validation [%s] interrupted by %s", name, self.preemption.signal_name)
+                break
+            results[name] = result
+            self.log.write({"split": f"valid/{name}", "step": step, **flatten(result)})
+        model.train()
+        return results

@@ -1,4 +1,8 @@
-"""Process-group setup from torchrun's or SLURM's environment; a single process needs none."""
+"""Everything that talks to other ranks: process-group setup from torchrun's or SLURM's environment, and the sums
+over ranks that the model (codebook statistics) and the trainer (frame count, stop vote) take. A single process
+needs no process group, and every sum is then the identity.
+
+Imports only torch: the models and the trainer both use it."""
 
 import os
 import re
@@ -7,6 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,16 @@ def setup(device: str | None = None, timeout_s: int = 600) -> Context:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def sum_over_ranks(*tensors: Tensor) -> list[Tensor]:
+    """Each tensor summed over ranks, in a single all-reduce of one flat buffer; unchanged in a single process."""
+    if not is_distributed():
+        return list(tensors)
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
