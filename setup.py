@@ -30,18 +30,9 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         output_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
-        configure = [
-            "cmake",
-            "-S",
-            str(ROOT),
-            "-B",
-            str(build_dir),
-            "-G",
-            "Ninja",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_CUDA_COMPILER={NVCC}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
-        ]
+        configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja"]
+        configure += [f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_CUDA_COMPILER={NVCC}"]
+        configure.append(f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}")
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir)], check=True)
 

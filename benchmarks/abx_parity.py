@@ -13,12 +13,12 @@ hundred utterances to have cells, while "context any" compares every item with e
 loops over frame pairs in Python: about 5 s for 240 items on one CPU thread, growing with the square).
 """
 
-import argparse
 import time
 
 import torch
 
 from spidr_fast import abx
+from spidr_fast.cli import ArgumentParser
 from spidr_fast.baseline import kmeans_units, log_mel, mfcc
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, SAMPLE_RATE, SyntheticCorpus
 
@@ -45,7 +45,7 @@ def corpus_features(utterances: int, num_units: int) -> tuple[dict[str, tuple[fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--utterances", type=int, default=256, help="synthetic utterances (2-4 s) for context within")
     parser.add_argument("--utterances-any", type=int, default=16, help="synthetic utterances for context any")
     parser.add_argument("--units", type=int, default=32, help="k-means units")

@@ -15,7 +15,6 @@ statistics, so whole files). Workers per GPU = the audio a GPU consumes per seco
 GPU consumes 3.8M samples (237.5 s) per step: at the official 135 ms step, and at 3× that speed.
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -124,7 +123,7 @@ def compare_modes(manifest: Path, *, workers: int, repeats: int, min_seconds: fl
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a few short files, one repeat")
     parser.add_argument("--workers", type=positive(int), default=1, help="loader workers (the rate is divided by them)")
     parser.add_argument("--repeats", type=positive(int), default=5, help="timed passes; the median is reported")

@@ -20,7 +20,6 @@ FLOPs, by the usual conventions):
   attention fwd                FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
 """
 
-import argparse
 import functools
 import os
 import sys
@@ -224,7 +223,7 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
     parser.add_argument(
         "--variants",

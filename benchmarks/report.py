@@ -6,7 +6,6 @@
 It takes, per benchmark and device, the newest results file in benchmarks/results/ that is not a CPU smoke run.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -76,7 +75,7 @@ def render(readme: str, results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="only check that the README is up to date")
     args = parser.parse_args(argv)
     current = README.read_text()

@@ -15,7 +15,6 @@ frames/s, model FLOPs utilisation against the bf16 matmul peak measured in the s
 eager step.
 """
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -169,7 +168,7 @@ def breakdown(model, batch: Batch, dtype: torch.dtype, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> Results:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
     parser.add_argument("--batch", type=positive(int), default=None, help="clips per step (default: 12 on a GPU)")
     parser.add_argument("--seconds", type=positive(float), default=None, help="clip length (default: 20 s on a GPU)")

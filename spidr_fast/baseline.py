@@ -50,6 +50,7 @@ def mfcc(waveform: torch.Tensor, hop: int, num_coefficients: int = 13) -> torch.
 
 def with_deltas(frames: torch.Tensor) -> torch.Tensor:
     """(T, D) → (T, 3D): the frames, their centred first differences and the differences of those."""
+
     def delta(x: torch.Tensor) -> torch.Tensor:
         padded = torch.cat([x[:1], x, x[-1:]])  # edges repeated: as many differences as frames
         return (padded[2:] - padded[:-2]) / 2
@@ -84,8 +85,9 @@ def kmeans_units(frames: torch.Tensor, num_units: int, iterations: int = 30, see
     return units
 
 
-def mfcc_kmeans_units(source: AudioSource | SyntheticSource, num_units: int, hop: int, *, normalize: bool,
-                      seed: int = 0) -> list[np.ndarray]:  # fmt: skip
+def mfcc_kmeans_units(
+    source: AudioSource | SyntheticSource, num_units: int, hop: int, *, normalize: bool, seed: int = 0
+) -> list[np.ndarray]:
     """The k-means unit of every `hop`-sample frame of every utterance of `source`."""
     features = []
     for i in range(len(source)):
@@ -107,9 +109,17 @@ def _cache_key(data: DataConfig, num_units: int, hop: int, seed: int) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def mfcc_kmeans_quality(source: AudioSource | SyntheticSource, data: DataConfig, phones: list[np.ndarray],
-                        num_phones: int, num_units: int, hop: int, *, seed: int = 0,
-                        cache: Path | None = None) -> dict[str, float]:  # fmt: skip
+def mfcc_kmeans_quality(
+    source: AudioSource | SyntheticSource,
+    data: DataConfig,
+    phones: list[np.ndarray],
+    num_phones: int,
+    num_units: int,
+    hop: int,
+    *,
+    seed: int = 0,
+    cache: Path | None = None,
+) -> dict[str, float]:
     """`metrics.unit_quality` of the MFCC k-means units of `source` (the utterances of `data`) against `phones`
     (10 ms labels), from the cache when it holds them."""
     if hop % LABEL_HOP:

@@ -7,7 +7,6 @@
 Builds are cached by a hash of the sources and options, so a second call with nothing changed is instant.
 """
 
-import argparse
 import hashlib
 import importlib.util
 import os
@@ -16,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from spidr_fast.cli import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SPIDR_FAST_BUILD_CACHE", Path.home() / ".cache" / "spidr_fast" / "build"))
@@ -39,8 +40,8 @@ def build(*, emulate: bool, archs: str = "80;90", verbose: bool = False) -> tupl
     built = list(build_dir.glob("_flash_attn*.so"))
     if built and log_path.exists():
         return built[0], log_path.read_text()
-    configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
-                 f"-DSPIDR_FAST_EMULATE={'ON' if emulate else 'OFF'}"]  # fmt: skip
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja"]
+    configure += [f"-DPython_EXECUTABLE={sys.executable}", f"-DSPIDR_FAST_EMULATE={'ON' if emulate else 'OFF'}"]
     env = dict(os.environ, SPIDR_FAST_CUDA_ARCHS=archs, SPIDR_FAST_PTXAS_VERBOSE="1" if verbose else "")
     log = []
     for command in (configure, ["cmake", "--build", str(build_dir)]):
@@ -61,7 +62,7 @@ def load(path: Path) -> ModuleType:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--emulate", action="store_true", help="build for the CPU emulator instead of CUDA")
     parser.add_argument("--archs", default=os.environ.get("SPIDR_FAST_CUDA_ARCHS", "80;90"))
     parser.add_argument("--verbose", action="store_true", help="print ptxas register and spill figures")

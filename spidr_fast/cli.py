@@ -13,7 +13,12 @@ USER_ERROR_STATUS = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose errors are one line like the others instead of the usage and then the error."""
+    """argparse's parser, whose errors are one line like the others instead of the usage and then the error, and
+    whose description (a module's docstring) is printed as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - argparse's own arguments
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(USER_ERROR_STATUS, f"error: {message} (see {self.prog} --help)\n")

@@ -53,8 +53,13 @@ def setup(device: str | None = None, timeout_s: int = 600) -> Context:
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-                                device_id=torch_device if torch_device.type == "cuda" else None)  # fmt: skip
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=torch_device if torch_device.type == "cuda" else None,
+        )
     return Context(rank, world_size, local_rank, torch_device)
 
 

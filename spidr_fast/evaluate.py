@@ -51,16 +51,19 @@ SYNTHETIC_UTTERANCES = 256
 def latest_checkpoint(run_dir: Path) -> Path:
     found = checkpoints(run_dir / "checkpoints")
     if not found:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (python -m spidr_fast.train) "
-                                "or give --checkpoint")  # fmt: skip
+        raise FileNotFoundError(
+            f"no checkpoint in {run_dir / 'checkpoints'}: train first (python -m spidr_fast.train) or give --checkpoint"
+        )
     return found[-1]
 
 
 def synthetic_data(cfg: TrainConfig | None) -> DataConfig:
     """The first synthetic validation set of a training config (else the default run's), extended to
     `SYNTHETIC_UTTERANCES`: the same utterances first, as utterance i depends only on the seed and i."""
-    data = next((d for d in (cfg.validation.values() if cfg else []) if not d.manifest),
-                DataConfig(synthetic_utterances=64, synthetic_seed=1))  # fmt: skip
+    data = next(
+        (d for d in (cfg.validation.values() if cfg else []) if not d.manifest),
+        DataConfig(synthetic_utterances=64, synthetic_seed=1),
+    )
     return dataclasses.replace(data, synthetic_utterances=max(data.synthetic_utterances, SYNTHETIC_UTTERANCES))
 
 
@@ -78,26 +81,30 @@ def generate_items(source: AudioSource | SyntheticSource, alignments: Path | Non
         if name not in records:
             raise ValueError(f"{alignments}: no alignment for file {name}")
         if "speaker" not in records[name]:
-            raise ValueError(f"{alignments}: the record of {name} has no 'speaker', needed to generate ABX items "
-                             "(or give --items)")  # fmt: skip
+            raise ValueError(
+                f"{alignments}: the record of {name} has no 'speaker', needed to generate ABX items (or give --items)"
+            )
         items += abx.items_from_alignment(name, str(records[name]["speaker"]), records[name]["phones"])
     return items
 
 
 def abx_implementation(choice: str) -> str:
-    """"builtin" or "fastabx" for --abx `choice`; auto: fastabx when importable."""
+    """ "builtin" or "fastabx" for --abx `choice`; auto: fastabx when importable."""
     if choice not in ABX_IMPLEMENTATIONS:
         raise ValueError(f"abx must be one of {ABX_IMPLEMENTATIONS}, got {choice!r}")
     if choice == "auto":
         return "fastabx" if abx.fastabx_available() else "builtin"
     if choice == "fastabx" and not abx.fastabx_available():
-        raise ValueError("--abx fastabx: fastabx is not importable (it needs Python >= 3.12: "
-                         "pip install -e '.[abx]'); --abx builtin scores the same items")  # fmt: skip
+        raise ValueError(
+            "--abx fastabx: fastabx is not importable (it needs Python >= 3.12: "
+            "pip install -e '.[abx]'); --abx builtin scores the same items"
+        )
     return choice
 
 
-def _abx(store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float, context: str,
-         implementation: str) -> dict[str, float | None]:  # fmt: skip
+def _abx(
+    store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float, context: str, implementation: str
+) -> dict[str, float | None]:
     """Error rates (%) within and across speakers, both implementations on the same items."""
     selected, kept = abx.item_features(store, items, frequency)
     if implementation == "fastabx":
@@ -107,15 +114,18 @@ def _abx(store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float
     return {s: None if r is None else 100 * r for s, r in rates.items()}
 
 
-def abx_task_size(store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float,
-                  context: str) -> dict[str, dict[str, int]]:  # fmt: skip
+def abx_task_size(
+    store: dict[str, torch.Tensor], items: list[abx.Item], frequency: float, context: str
+) -> dict[str, dict[str, int]]:
     """{"abx_items": how many items the file holds, how many have two frames or more, and how many each score
     rests on; "abx_cells": how many cells each score averages}."""
     _, kept = abx.item_features(store, items, frequency)
     cells = {s: abx.abx_cells(kept, speaker=s, context=context) for s in ABX_CONDITIONS}
     used = {s: len(abx.cell_items(c)) for s, c in cells.items()}
-    return {"abx_items": {"in_file": len(items), "with_two_frames": len(kept), **used},
-            "abx_cells": {s: len(c) for s, c in cells.items()}}  # fmt: skip
+    return {
+        "abx_items": {"in_file": len(items), "with_two_frames": len(kept), **used},
+        "abx_cells": {s: len(c) for s, c in cells.items()},
+    }
 
 
 def format_rate(rate: float | None, cells: int) -> str:
@@ -126,9 +136,18 @@ def format_rate(rate: float | None, cells: int) -> str:
     return f"{rate:.3f} ({cells} cells{flag})"
 
 
-def evaluate(model: DinoSR, source: AudioSource | SyntheticSource, data: DataConfig, layers: list[int],
-             items: list[abx.Item], *, context: str = "within", abx_choice: str = "auto", device: torch.device,
-             progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: DinoSR,
+    source: AudioSource | SyntheticSource,
+    data: DataConfig,
+    layers: list[int],
+    items: list[abx.Item],
+    *,
+    context: str = "within",
+    abx_choice: str = "auto",
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, Any]:
     """{"abx": the implementation, "abx_items": item counts, "abx_cells": cell counts, "abx_min_cells",
     "baseline": the unit quality of k-means on MFCCs with as many units, "layers": {"layer_L": metrics}}."""
     implementation = abx_implementation(abx_choice)
@@ -143,8 +162,16 @@ def evaluate(model: DinoSR, source: AudioSource | SyntheticSource, data: DataCon
     unit_layers = [layer for layer in layers if layer in head_layers(model)]
     features: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
     units: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in unit_layers}
-    outputs = iterate_outputs(model, source, range(len(source)), layers, units=unit_layers, normalize=data.normalize,
-                              device=device, progress=progress)  # fmt: skip
+    outputs = iterate_outputs(
+        model,
+        source,
+        range(len(source)),
+        layers,
+        units=unit_layers,
+        normalize=data.normalize,
+        device=device,
+        progress=progress,
+    )
     for index, feats, codes in outputs:
         for layer, tensor in feats.items():
             features[layer][names[index]] = tensor
@@ -154,8 +181,10 @@ def evaluate(model: DinoSR, source: AudioSource | SyntheticSource, data: DataCon
     for i, name in enumerate(names):  # checked here to name the file: joint_counts only knows its position
         frames = len(next(iter(features.values()))[name])
         if abs(len(phones[i]) - repeat * frames) > MAX_LENGTH_MISMATCH * repeat:
-            raise ValueError(f"alignment of {name} does not match its audio: {len(phones[i])} labels of 10 ms for "
-                             f"{frames} frames of {1000 / frequency:g} ms")  # fmt: skip
+            raise ValueError(
+                f"alignment of {name} does not match its audio: {len(phones[i])} labels of 10 ms for "
+                f"{frames} frames of {1000 / frequency:g} ms"
+            )
     results: dict[str, Any] = {}
     for layer in layers:
         row: dict[str, Any] = {}
@@ -201,22 +230,35 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m spidr_fast.evaluate", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--checkpoint", type=Path, help="training checkpoint, exported model.pt or official state "
-                        "dict (default: the latest checkpoint of runs/spidr_fast/synthetic)")  # fmt: skip
-    parser.add_argument("--model-type", choices=["spidr", "dinosr"],
-                        help="for a state dict without config.json beside it (default: spidr)")  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.evaluate", description=__doc__)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="training checkpoint, exported model.pt or official state "
+        "dict (default: the latest checkpoint of runs/spidr_fast/synthetic)",
+    )
+    parser.add_argument(
+        "--model-type",
+        choices=["spidr", "dinosr"],
+        help="for a state dict without config.json beside it (default: spidr)",
+    )
     parser.add_argument("--manifest", help="fairseq TSV or official spidr CSV (default: the synthetic corpus)")
     parser.add_argument("--alignments", type=Path, help='JSONL of {"fileid", "speaker", "phones": [one per 10 ms]}')
     parser.add_argument("--items", type=Path, help="ABX item file (default: generated from the alignments)")
     parser.add_argument("--layers", help="comma-separated layers, from 0 (default: all)")
-    parser.add_argument("--context", choices=["within", "any"], default="within",
-                        help="ABX context condition; 'any' gives many more triples on the synthetic corpus, whose "
-                        "random phone sequences rarely repeat a context, at a much higher cost")  # fmt: skip
-    parser.add_argument("--abx", choices=ABX_IMPLEMENTATIONS, default="auto",
-                        help="ABX implementation (default auto: fastabx when importable, else the built-in); both "
-                        "score the same items")  # fmt: skip
+    parser.add_argument(
+        "--context",
+        choices=["within", "any"],
+        default="within",
+        help="ABX context condition; 'any' gives many more triples on the synthetic corpus, whose "
+        "random phone sequences rarely repeat a context, at a much higher cost",
+    )
+    parser.add_argument(
+        "--abx",
+        choices=ABX_IMPLEMENTATIONS,
+        default="auto",
+        help="ABX implementation (default auto: fastabx when importable, else the built-in); both score the same items",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: eval_<checkpoint name> beside it)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")
@@ -235,8 +277,9 @@ def _evaluate_and_report(args: argparse.Namespace) -> int:
     model.to(device)
     layers = parse_layers(args.layers, model)
     if args.manifest:
-        data = DataConfig(manifest=args.manifest, alignments_path=str(args.alignments),
-                          normalize=cfg.data.normalize if cfg else True)  # fmt: skip
+        data = DataConfig(
+            manifest=args.manifest, alignments_path=str(args.alignments), normalize=cfg.data.normalize if cfg else True
+        )
     else:
         data = synthetic_data(cfg)
     source = build_source(data)
@@ -247,8 +290,17 @@ def _evaluate_and_report(args: argparse.Namespace) -> int:
     else:
         item_file, items = out / "items.item", generate_items(source, args.alignments)
         abx.write_items(items, item_file)
-    scored = evaluate(model, source, data, layers, items, context=args.context, abx_choice=args.abx, device=device,
-                      progress=not args.no_progress)  # fmt: skip
+    scored = evaluate(
+        model,
+        source,
+        data,
+        layers,
+        items,
+        context=args.context,
+        abx_choice=args.abx,
+        device=device,
+        progress=not args.no_progress,
+    )
     report = {"checkpoint": str(checkpoint), "items": str(item_file), "context": args.context, **scored}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     results = scored["layers"]

@@ -54,7 +54,7 @@ def head_layers(model: DinoSR) -> range:
 
 
 def parse_layers(spec: str | None, model: DinoSR) -> list[int]:
-    """"5,6" → [5, 6]; None → every layer. Errors name the valid layers."""
+    """ "5,6" → [5, 6]; None → every layer. Errors name the valid layers."""
     count = len(model.student.layers)
     if spec is None:
         return list(range(count))
@@ -89,10 +89,18 @@ def length_batches(lengths: Sequence[int], max_samples: int, *, padding_is_exact
 
 
 @torch.inference_mode()
-def iterate_outputs(model: DinoSR, source: AudioSource | SyntheticSource, indices: Sequence[int], layers: Sequence[int],
-                    *, units: Sequence[int] = (), normalize: bool = True, device: torch.device | None = None,
-                    max_batch_samples: int = DEFAULT_BATCH_SAMPLES, progress: bool = True,
-                    ) -> Iterator[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:  # fmt: skip
+def iterate_outputs(
+    model: DinoSR,
+    source: AudioSource | SyntheticSource,
+    indices: Sequence[int],
+    layers: Sequence[int],
+    *,
+    units: Sequence[int] = (),
+    normalize: bool = True,
+    device: torch.device | None = None,
+    max_batch_samples: int = DEFAULT_BATCH_SAMPLES,
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
     """(index, {layer: (frames, D) features}, {layer: (frames,) units}) for each utterance of `indices`, on CPU,
     in batches of similar length. `units` lists head layers."""
     from tqdm import tqdm
@@ -101,8 +109,9 @@ def iterate_outputs(model: DinoSR, source: AudioSource | SyntheticSource, indice
     first_head = head_layers(model).start
     not_heads = [layer for layer in units if layer < first_head]
     if not_heads:
-        raise ValueError(f"layer {not_heads[0]} has no head: units come from layers {first_head} to "
-                         f"{len(model.student.layers) - 1}")  # fmt: skip
+        raise ValueError(
+            f"layer {not_heads[0]} has no head: units come from layers {first_head} to {len(model.student.layers) - 1}"
+        )
     lengths = [source.num_samples(i) for i in indices]
     batches = length_batches(lengths, max_batch_samples, padding_is_exact=model.cfg.extractor_mode == "layer_norm")
     bar = tqdm(total=len(indices), desc="extracting", unit="file", disable=not progress)
@@ -138,17 +147,24 @@ def output_paths(out: Path, fileid: str, layers: Sequence[int], units: Sequence[
     ]
 
 
-def extract_to_folder(model: DinoSR, source: AudioSource | SyntheticSource, out: str | Path, layers: Sequence[int],
-                      *, units: bool = False, **options) -> tuple[int, int]:  # fmt: skip
+def extract_to_folder(
+    model: DinoSR,
+    source: AudioSource | SyntheticSource,
+    out: str | Path,
+    layers: Sequence[int],
+    *,
+    units: bool = False,
+    **options,
+) -> tuple[int, int]:
     """Write every utterance's outputs under `out`; returns (written, skipped: already there)."""
     out = Path(out)
     unit_layers = [layer for layer in layers if layer in head_layers(model)] if units else []
     if units and not unit_layers:
-        raise ValueError(f"--units: none of layers {list(layers)} has a head (head layers: "
-                         f"{list(head_layers(model))})")  # fmt: skip
+        raise ValueError(f"--units: none of layers {list(layers)} has a head (head layers: {list(head_layers(model))})")
     names = fileids(source)
-    todo = [i for i, name in enumerate(names)
-            if not all(p.is_file() for p in output_paths(out, name, layers, unit_layers))]  # fmt: skip
+    todo = [
+        i for i, name in enumerate(names) if not all(p.is_file() for p in output_paths(out, name, layers, unit_layers))
+    ]
     for folder in {p.parent for p in output_paths(out, "x", layers, unit_layers)}:
         folder.mkdir(parents=True, exist_ok=True)
     for index, feats, codes in iterate_outputs(model, source, todo, layers, units=unit_layers, **options):
@@ -158,8 +174,9 @@ def extract_to_folder(model: DinoSR, source: AudioSource | SyntheticSource, out:
     return len(todo), len(names) - len(todo)
 
 
-def merge_layers(out: str | Path, names: Sequence[str], layers: Sequence[int],
-                 unit_layers: Sequence[int]) -> list[Path]:  # fmt: skip
+def merge_layers(
+    out: str | Path, names: Sequence[str], layers: Sequence[int], unit_layers: Sequence[int]
+) -> list[Path]:
     """One file per layer and kind, `out/features/layer_L.pt` (and `out/units/layer_L.pt`): {"fileids", "lengths"
     (files,), "data": every file's frames concatenated in manifest order}, from the per-utterance files."""
     out, written = Path(out), []
@@ -167,8 +184,14 @@ def merge_layers(out: str | Path, names: Sequence[str], layers: Sequence[int],
         for layer in kind_layers:
             tensors = [torch.load(out / kind / f"layer_{layer}" / f"{name}.pt") for name in names]
             path = out / kind / f"layer_{layer}.pt"
-            atomic_save({"fileids": list(names), "lengths": torch.tensor([len(t) for t in tensors]),
-                         "data": torch.cat(tensors)}, path)  # fmt: skip
+            atomic_save(
+                {
+                    "fileids": list(names),
+                    "lengths": torch.tensor([len(t) for t in tensors]),
+                    "data": torch.cat(tensors),
+                },
+                path,
+            )
             written.append(path)
     return written
 
@@ -178,22 +201,31 @@ def default_device() -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m spidr_fast.extract", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a training checkpoint (run_dir/checkpoints/step_*.pt), an exported model.pt or an "
-                             "official state dict")  # fmt: skip
-    parser.add_argument("--model-type", choices=["spidr", "dinosr"],
-                        help="for a state dict without config.json beside it (default: spidr)")  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.extract", description=__doc__)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a training checkpoint (run_dir/checkpoints/step_*.pt), an exported model.pt or an official state dict",
+    )
+    parser.add_argument(
+        "--model-type",
+        choices=["spidr", "dinosr"],
+        help="for a state dict without config.json beside it (default: spidr)",
+    )
     parser.add_argument("--manifest", required=True, help="fairseq TSV or official spidr CSV of 16 kHz mono audio")
     parser.add_argument("--layers", help="comma-separated layers, from 0 (default: all)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--units", action="store_true", help="also write the units of the layers that have a head")
-    parser.add_argument("--one-file-per-layer", action="store_true",
-                        help="also gather each layer into one file, features/layer_L.pt (fileids, lengths, data)")
+    parser.add_argument(
+        "--one-file-per-layer",
+        action="store_true",
+        help="also gather each layer into one file, features/layer_L.pt (fileids, lengths, data)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available)")
-    parser.add_argument("--max-batch-samples", type=positive(int), default=DEFAULT_BATCH_SAMPLES,
-                        help="padded samples per batch")  # fmt: skip
+    parser.add_argument(
+        "--max-batch-samples", type=positive(int), default=DEFAULT_BATCH_SAMPLES, help="padded samples per batch"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -206,10 +238,16 @@ def _extract(args: argparse.Namespace) -> int:
     model.to(device)
     layers = parse_layers(args.layers, model)
     written, skipped = extract_to_folder(
-        model, AudioSource(args.manifest), args.out, layers, units=args.units, device=device,
-        normalize=cfg.data.normalize if cfg else True, max_batch_samples=args.max_batch_samples,
+        model,
+        AudioSource(args.manifest),
+        args.out,
+        layers,
+        units=args.units,
+        device=device,
+        normalize=cfg.data.normalize if cfg else True,
+        max_batch_samples=args.max_batch_samples,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     print(f"wrote {written} files, skipped {skipped} already there, to {args.out}")
     if args.one_file_per_layer:
         source = AudioSource(args.manifest)

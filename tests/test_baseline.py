@@ -64,10 +64,14 @@ def test_baseline_on_a_tiny_corpus_is_scored_then_cached(tmp_path, monkeypatch):
 
 
 def _metrics_log(path):
-    records = [{"split": "train", "step": s, "loss": 4 / s, "target_ppl": 10 + s, "pred_ppl": 60 - s}
-               for s in range(10, 101, 10)]  # fmt: skip
-    records += [{"split": "valid/synthetic", "step": s, "heads/pnmi": s / 200, "codebooks/pnmi": s / 150,
-                 "baseline/pnmi": 0.6} for s in (50, 100)]  # fmt: skip
+    records = [
+        {"split": "train", "step": s, "loss": 4 / s, "target_ppl": 10 + s, "pred_ppl": 60 - s}
+        for s in range(10, 101, 10)
+    ]
+    records += [
+        {"split": "valid/synthetic", "step": s, "heads/pnmi": s / 200, "codebooks/pnmi": s / 150, "baseline/pnmi": 0.6}
+        for s in (50, 100)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 

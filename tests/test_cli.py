@@ -49,8 +49,18 @@ def test_train(tmp_path, capsys):
 
 def test_evaluate(exported, tmp_path, capsys):
     manifest = tmp_path / "missing.tsv"
-    line = error_line(capsys, evaluate.main, "--checkpoint", str(exported), "--manifest", str(manifest),
-                      "--alignments", str(tmp_path / "a.jsonl"), "--out", str(tmp_path))  # fmt: skip
+    line = error_line(
+        capsys,
+        evaluate.main,
+        "--checkpoint",
+        str(exported),
+        "--manifest",
+        str(manifest),
+        "--alignments",
+        str(tmp_path / "a.jsonl"),
+        "--out",
+        str(tmp_path),
+    )
     assert f"manifest not found: {manifest}" in line
     assert "argument --context: invalid choice: 'all'" in error_line(capsys, evaluate.main, "--context", "all")
 
@@ -78,7 +88,20 @@ def test_benchmarks(tmp_path, capsys, fast_peaks):
 
 def test_a_module_run_from_the_shell_prints_no_traceback(tmp_path):
     missing = tmp_path / "none.pt"
-    result = subprocess.run([sys.executable, "-m", "spidr_fast.extract", "--checkpoint", str(missing), "--manifest",
-                             "m.tsv", "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spidr_fast.extract",
+            "--checkpoint",
+            str(missing),
+            "--manifest",
+            "m.tsv",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: checkpoint not found: {missing}"

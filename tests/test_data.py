@@ -11,8 +11,16 @@ import soundfile
 import torch
 
 from spidr_fast.data import manifest as manifest_module
-from spidr_fast.data.loading import (AudioSource, BucketBatchSampler, Clip, Collator, DataConfig, SpeechDataset,
-                                     build_loader, build_source)  # fmt: skip
+from spidr_fast.data.loading import (
+    AudioSource,
+    BucketBatchSampler,
+    Clip,
+    Collator,
+    DataConfig,
+    SpeechDataset,
+    build_loader,
+    build_source,
+)
 from spidr_fast.data.masking import MaskingConfig, compute_mask_indices
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, PHONES, SAMPLE_RATE, SyntheticCorpus
 from spidr_fast.models import SpidRConfig
@@ -24,8 +32,9 @@ from spidr_fast.models.components import num_frames
 @pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
 def test_masks_are_sorted_distinct_inside_each_row_and_equal_in_count(selection):
     lengths = torch.tensor([250, 180, 37, 250])
-    masks = compute_mask_indices(MaskingConfig(mask_selection=selection, mask_other=2.0), lengths,
-                                 torch.Generator().manual_seed(0))  # fmt: skip
+    masks = compute_mask_indices(
+        MaskingConfig(mask_selection=selection, mask_other=2.0), lengths, torch.Generator().manual_seed(0)
+    )
     assert masks.dtype == torch.int64 and masks.shape[0] == 4 and masks.shape[1] > 0
     for row, length in zip(masks, lengths, strict=True):
         assert torch.all(row < length) and torch.all(row[1:] > row[:-1])
@@ -45,7 +54,9 @@ def test_masks_have_the_official_size(official):
     lengths = torch.tensor([300, 300, 260, 300, 180, 300, 300, 290])
     padding = torch.arange(300) >= lengths.unsqueeze(1)
     official_generator = MaskGenerator(OfficialMaskingConfig())
-    ours = [compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(s)).shape[1] for s in range(40)]
+    ours = [
+        compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(s)).shape[1] for s in range(40)
+    ]
     theirs = [official_generator(padding, generator=torch.Generator().manual_seed(s))[0].shape[1] for s in range(40)]
     assert abs(np.mean(ours) - np.mean(theirs)) < 0.05 * np.mean(theirs)
 
@@ -56,9 +67,14 @@ def test_masks_are_deterministic_given_the_generator():
     assert torch.equal(first, compute_mask_indices(MaskingConfig(), lengths, torch.Generator().manual_seed(7)))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [(dict(mask_prob=1.5), "masking.mask_prob"),
-                                                 (dict(mask_length=0), "masking.mask_length"),
-                                                 (dict(no_mask_overlap=True), "masking.no_mask_overlap")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(mask_prob=1.5), "masking.mask_prob"),
+        (dict(mask_length=0), "masking.mask_length"),
+        (dict(no_mask_overlap=True), "masking.no_mask_overlap"),
+    ],
+)
 def test_bad_masking_config_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MaskingConfig(**kwargs)
@@ -148,9 +164,15 @@ def test_unusable_audio_is_skipped_and_named(tmp_path, caplog):
     clips = [Clip(index, 0, 4_000, torch.Generator().get_state()) for index in range(len(names))]
     waveform = dataset[clips[0]]
     assert waveform.shape == (4_000,) and abs(float(waveform.mean())) < 1e-5
-    reasons = {"corrupt": "", "stereo": "expected mono audio at 16000 Hz, got 2 channel(s) at 16000 Hz",
-               "slow": "got 1 channel(s) at 8000 Hz", "short": "the manifest says 4000 samples, the file ends before",
-               "header_only": "the file ends before sample 4000", "nan": "non-finite samples", "missing": ""}  # fmt: skip
+    reasons = {
+        "corrupt": "",
+        "stereo": "expected mono audio at 16000 Hz, got 2 channel(s) at 16000 Hz",
+        "slow": "got 1 channel(s) at 8000 Hz",
+        "short": "the manifest says 4000 samples, the file ends before",
+        "header_only": "the file ends before sample 4000",
+        "nan": "non-finite samples",
+        "missing": "",
+    }
     for index, name in enumerate(names[1:], start=1):
         caplog.clear()
         assert dataset[clips[index]] is None
@@ -189,8 +211,10 @@ def test_ranks_get_the_same_number_of_distinct_batches_and_resume_skips():
     assert all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[:i])  # each batch its own crops
     resumed = BucketBatchSampler(lengths, cfg, rank=1, world_size=3)
     resumed.set_epoch(0, start=2)
-    assert all(a.index == b.index and a.start == b.start and torch.equal(a.batch_rng_state, b.batch_rng_state)
-               for a, b in zip(sum(list(resumed), []), sum(ranks[1][2:], []), strict=True))  # fmt: skip
+    assert all(
+        a.index == b.index and a.start == b.start and torch.equal(a.batch_rng_state, b.batch_rng_state)
+        for a, b in zip(sum(list(resumed), []), sum(ranks[1][2:], []), strict=True)
+    )
 
 
 def whole_file_batch(source, indices, seed, cfg, masking, frames_of):
@@ -214,10 +238,12 @@ def whole_file_batch(source, indices, seed, cfg, masking, frames_of):
 @pytest.mark.parametrize("audio_format", ["flac", "wav"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("padding", [False, True])
-def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp_path, audio_format, normalize, padding):
+def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(
+    tmp_path, audio_format, normalize, padding
+):
     manifest = SyntheticCorpus(num_utterances=9, min_seconds=0.5, max_seconds=2.0).write(tmp_path, audio_format)
-    cfg = DataConfig(manifest=str(manifest), normalize=normalize, enable_padding=padding, max_sample_size=12_000,
-                     max_batch_length=40_000, num_buckets=3)  # fmt: skip
+    sizes = dict(max_sample_size=12_000, max_batch_length=40_000, num_buckets=3)
+    cfg = DataConfig(manifest=str(manifest), normalize=normalize, enable_padding=padding, **sizes)
     model_cfg, masking = SpidRConfig(), MaskingConfig()
     frames_of = partial(num_frames, model_cfg)
     source = build_source(cfg)
@@ -226,8 +252,9 @@ def test_decoding_only_the_crop_gives_the_batches_of_whole_files_bit_for_bit(tmp
     cropped = 0
     for position, clips in enumerate(sampler):
         batch = collate(dataset.__getitems__(clips))
-        waveforms, frames, mask_indices = whole_file_batch(source, [c.index for c in clips],
-                                                           sampler.batch_seed(position), cfg, masking, frames_of)
+        waveforms, frames, mask_indices = whole_file_batch(
+            source, [c.index for c in clips], sampler.batch_seed(position), cfg, masking, frames_of
+        )
         assert torch.equal(batch.waveforms, waveforms) and torch.equal(batch.mask_indices, mask_indices)
         if padding and bool((frames < frames.max()).any()):
             assert batch.frame_mask.sum(1).tolist() == frames.tolist()
@@ -243,8 +270,8 @@ def test_a_loader_worker_delivers_the_batches_of_the_main_process(tmp_path):
     manifest = SyntheticCorpus(num_utterances=7, min_seconds=0.5, max_seconds=1.5).write(tmp_path, "flac")
     batches = {}
     for workers in (0, 1):
-        cfg = DataConfig(manifest=str(manifest), num_workers=workers, normalize=False, max_sample_size=12_000,
-                         max_batch_length=30_000, num_buckets=3)  # fmt: skip
+        sizes = dict(max_sample_size=12_000, max_batch_length=30_000, num_buckets=3)
+        cfg = DataConfig(manifest=str(manifest), num_workers=workers, normalize=False, **sizes)
         batches[workers] = list(build_loader(cfg, MaskingConfig(), partial(num_frames, SpidRConfig())))
     assert len(batches[0]) == len(batches[1]) > 1
     for here, there in zip(batches[0], batches[1], strict=True):

@@ -36,7 +36,12 @@ def _rank_step(rank: int, port: int, results: dict) -> None:
         model, waveforms, mask_indices = _make_model_and_batch()
         half = slice(2 * rank, 2 * rank + 2)
         loss, out = model(waveforms[half], mask_indices=mask_indices[half])
-        results[rank] = (loss.detach(), out, model.codebooks.stacked_codebook.clone(), model.codebooks.stacked_counts.clone())
+        results[rank] = (
+            loss.detach(),
+            out,
+            model.codebooks.stacked_codebook.clone(),
+            model.codebooks.stacked_counts.clone(),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -28,7 +28,7 @@ def test_perfect_clustering_scores_one():
     q = unit_quality(counts)
     assert q["pnmi"] == pytest.approx(1.0) and q["phone_purity"] == 1.0 and q["cluster_purity"] == 1.0
     assert q["active_units"] == 3
-    assert q["unit_perplexity"] == pytest.approx(2 ** 1.5)  # probabilities 1/4, 1/4, 1/2: entropy 1.5 bits
+    assert q["unit_perplexity"] == pytest.approx(2**1.5)  # probabilities 1/4, 1/4, 1/2: entropy 1.5 bits
     assert bitrate(counts, 50) == pytest.approx(75.0)
 
 
@@ -49,8 +49,10 @@ def test_hand_computed_counts():
 
 # --- ABX -----------------------------------------------------------------------------------------------------------
 
-requires_fastabx = pytest.mark.skipif(not abx.fastabx_available(), reason="fastabx is not importable: it needs "
-                                      "Python >= 3.12 (pip install -e '.[abx]' there)")  # fmt: skip
+requires_fastabx = pytest.mark.skipif(
+    not abx.fastabx_available(),
+    reason="fastabx is not importable: it needs Python >= 3.12 (pip install -e '.[abx]' there)",
+)
 
 
 def _naive_dtw(x, y):
@@ -124,13 +126,17 @@ def _constant_items(specs):
 
 def test_across_speakers_averages_contexts_and_x_speakers_together():
     # A and B come from s1 only (one item each), X from s2 and s3: three cells of one triple each.
-    features, items = _constant_items([
-        ("a", "c1", "s1", [1.0, 0.0]), ("b", "c1", "s1", [0.0, 1.0]),
-        ("a", "c1", "s2", [0.2, 1.0]),  # nearer B: cell (c1, X from s2) scores 1
-        ("a", "c1", "s3", [1.0, 0.1]),  # cell (c1, X from s3) scores 0
-        ("a", "c2", "s1", [1.0, 0.0]), ("b", "c2", "s1", [0.0, 1.0]),
-        ("a", "c2", "s2", [1.0, 0.2]),  # cell (c2, X from s2) scores 0
-    ])  # fmt: skip
+    features, items = _constant_items(
+        [
+            ("a", "c1", "s1", [1.0, 0.0]),
+            ("b", "c1", "s1", [0.0, 1.0]),
+            ("a", "c1", "s2", [0.2, 1.0]),  # nearer B: cell (c1, X from s2) scores 1
+            ("a", "c1", "s3", [1.0, 0.1]),  # cell (c1, X from s3) scores 0
+            ("a", "c2", "s1", [1.0, 0.0]),
+            ("b", "c2", "s1", [0.0, 1.0]),
+            ("a", "c2", "s2", [1.0, 0.2]),  # cell (c2, X from s2) scores 0
+        ]
+    )
     # Contexts and X speakers together: (1 + 0 + 0) / 3. Contexts first, then (A, X) speaker pairs would give
     # ((1 + 0) / 2 + 0) / 2 = 1/4.
     assert abx.abx_error_rate(features, items, speaker="across") == pytest.approx(1 / 3)
@@ -153,8 +159,10 @@ def test_frame_selection_at_boundaries():
 def test_item_files(tmp_path):
     phones = ["sil"] * 3 + ["a"] * 4 + ["b"] * 2 + ["sil"] * 2 + ["c"] * 3
     items = abx.items_from_alignment("u1", "s1", phones)
-    assert items == [abx.Item("u1", 0.03, 0.07, "a", "sil", "b", "s1"),
-                     abx.Item("u1", 0.07, 0.09, "b", "a", "sil", "s1")]  # fmt: skip
+    assert items == [
+        abx.Item("u1", 0.03, 0.07, "a", "sil", "b", "s1"),
+        abx.Item("u1", 0.07, 0.09, "b", "a", "sil", "s1"),
+    ]
     path = tmp_path / "x.item"
     abx.write_items(items, path)
     assert path.read_text().splitlines()[0] == abx.ITEM_HEADER
@@ -176,11 +184,13 @@ def _fastabx_frames(item, frequency):
 @pytest.mark.parametrize("frequency", [50, 100, 100 / 3])
 def test_item_file_handed_on_selects_the_frames_scored(frequency, tmp_path):
     features = {"u1": torch.randn(12, 3), "u2": torch.randn(7, 3)}
-    items = [abx.Item("u1", 0.07, 0.11, "a", "x", "y", "s"),  # 0.07 s × 50 is 3.5000000000000004
-             abx.Item("u1", 0.031, 0.089, "b", "x", "y", "s"),
-             abx.Item("u1", 0.0, 0.012, "c", "x", "y", "s"),  # one frame at 50 Hz: left out there
-             abx.Item("u2", 0.05, 0.50, "a", "x", "y", "s"),  # runs past the last frame: clipped
-             abx.Item("u2", 0.40, 0.60, "b", "x", "y", "s")]  # begins after the last frame: left out  # fmt: skip
+    items = [
+        abx.Item("u1", 0.07, 0.11, "a", "x", "y", "s"),  # 0.07 s × 50 is 3.5000000000000004
+        abx.Item("u1", 0.031, 0.089, "b", "x", "y", "s"),
+        abx.Item("u1", 0.0, 0.012, "c", "x", "y", "s"),  # one frame at 50 Hz: left out there
+        abx.Item("u2", 0.05, 0.50, "a", "x", "y", "s"),  # runs past the last frame: clipped
+        abx.Item("u2", 0.40, 0.60, "b", "x", "y", "s"),
+    ]  # begins after the last frame: left out
     selected, kept = abx.item_features(features, items, frequency)
     spans = [abx.frame_span(i.onset, i.offset, frequency, len(features[i.fileid])) for i in items]
     assert [i.phone for i in kept] == [i.phone for i, span in zip(items, spans, strict=True) if span is not None]
@@ -205,8 +215,10 @@ def _corpus(seed, num_files=6, dim=5):
         t = 0
         while t < frames + 3:  # the last items run past the end of the file
             length = int(torch.randint(1, 6, (1,), generator=g))
-            phone, ctx = (["a", "b", "c"][int(torch.randint(0, 3, (1,), generator=g))],
-                          ["x", "y"][int(torch.randint(0, 2, (1,), generator=g))])  # fmt: skip
+            phone, ctx = (
+                ["a", "b", "c"][int(torch.randint(0, 3, (1,), generator=g))],
+                ["x", "y"][int(torch.randint(0, 2, (1,), generator=g))],
+            )
             items.append(abx.Item(f"dir/u{n}", t / 50, (t + length) / 50, phone, ctx, "z", f"s{n % 3}"))
             t += length
     return features, items
@@ -246,11 +258,17 @@ def run(tmp_path_factory):
     return root, checkpoint, manifest
 
 
+def scored_on_alignments(checkpoint, manifest, layers):
+    """evaluate's arguments for `layers` of `checkpoint` on `manifest` and its alignments, in any context."""
+    alignments = manifest.parent / "alignments.jsonl"
+    paths = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments", str(alignments)]
+    return [*paths, "--layers", layers, "--context", "any", "--no-progress"]
+
+
 def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys, caplog):
     root, checkpoint, manifest = run
-    assert main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments",
-                 str(manifest.parent / "alignments.jsonl"), "--layers", "0,3", "--context", "any",
-                 "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    args = [*scored_on_alignments(checkpoint, manifest, "0,3"), "--out", str(tmp_path)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in caplog.text or (tmp_path / "metrics.png").is_file()
     report = json.loads((tmp_path / "results.json").read_text())
@@ -292,7 +310,8 @@ def test_cli_errors_name_the_problem(run, tmp_path, capsys):
         return lines[0]
 
     assert f"alignment of {records[1]['fileid']} does not match its audio" in error_of(
-        "--alignments", str(alignments), "--layers", "3")
+        "--alignments", str(alignments), "--layers", "3"
+    )
     alignments.write_text("\n".join(json.dumps(r) for r in records[1:]))
     assert f"no alignment for file {records[0]['fileid']}" in error_of("--alignments", str(alignments))
     assert "unknown layer 4" in error_of("--alignments", str(manifest.parent / "alignments.jsonl"), "--layers", "4")
@@ -303,9 +322,7 @@ def test_cli_errors_name_the_problem(run, tmp_path, capsys):
 @requires_fastabx
 def test_cli_with_fastabx_scores_as_the_builtin(run, tmp_path):
     root, checkpoint, manifest = run
-    args = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--alignments",
-            str(manifest.parent / "alignments.jsonl"), "--layers", "3", "--context", "any",
-            "--no-progress"]  # fmt: skip
+    args = scored_on_alignments(checkpoint, manifest, "3")
     reports = {}
     for implementation in ("fastabx", "builtin"):
         assert main([*args, "--abx", implementation, "--out", str(tmp_path / implementation)]) == 0
@@ -320,7 +337,9 @@ def test_cli_with_fastabx_scores_as_the_builtin(run, tmp_path):
 def test_fastabx_asked_for_but_missing_is_a_clear_error(run, monkeypatch, capsys):
     monkeypatch.setattr(abx, "fastabx_available", lambda: False)
     assert main(["--abx", "fastabx", "--checkpoint", str(run[1])]) == 2
-    assert capsys.readouterr().err.startswith("error: --abx fastabx: fastabx is not importable (it needs Python >= 3.12")
+    assert capsys.readouterr().err.startswith(
+        "error: --abx fastabx: fastabx is not importable (it needs Python >= 3.12"
+    )
     assert abx_implementation("auto") == "builtin"
 
 

@@ -99,8 +99,18 @@ def test_clear_errors(corpus, checkpoint, tmp_path, capsys):
 
 
 def test_cli(corpus, checkpoint, tmp_path, capsys):
-    args = ["--checkpoint", str(checkpoint), "--manifest", str(corpus), "--layers", "2,3", "--out", str(tmp_path),
-            "--units", "--no-progress"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--manifest",
+        str(corpus),
+        "--layers",
+        "2,3",
+        "--out",
+        str(tmp_path),
+        "--units",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "wrote 4 files, skipped 0" in capsys.readouterr().out
     assert len(list((tmp_path / "units" / "layer_2").glob("*.pt"))) == 4

@@ -29,22 +29,38 @@ HARNESS = Path(__file__).with_name("fault_harness.py")
 MAX_STEPS = 8
 # Two loader workers, as in a real run: they receive the process group's signals too. Small batches and one
 # validation utterance: a step and a validation take a fraction of a second.
-RUN_FLAGS = (f"--set=optimizer.max_steps={MAX_STEPS}", "--set=data.num_workers=2", "--set=run.validate_interval=2",
-             "--set=data.max_sample_size=16000", "--set=data.max_batch_length=32000",
-             "--set=validation.synthetic.synthetic_utterances=1")  # fmt: skip
+RUN_FLAGS = (
+    f"--set=optimizer.max_steps={MAX_STEPS}",
+    "--set=data.num_workers=2",
+    "--set=run.validate_interval=2",
+    "--set=data.max_sample_size=16000",
+    "--set=data.max_batch_length=32000",
+    "--set=validation.synthetic.synthetic_utterances=1",
+)
 SLOW_SECONDS = 1.5  # a slow phase of the harness: long enough to land a signal in it
 
 
-def launch(run_dir: Path, *extra: str, harness: tuple[str, Path] | None = None, env: dict | None = None,
-           prefix: tuple[str, ...] = (), log: Path | None = None) -> subprocess.Popen:  # fmt: skip
+def launch(
+    run_dir: Path,
+    *extra: str,
+    harness: tuple[str, Path] | None = None,
+    env: dict | None = None,
+    prefix: tuple[str, ...] = (),
+    log: Path | None = None,
+) -> subprocess.Popen:
     """The training CLI in its own process group (as under SLURM or torchrun), its output appended to `log`
     (default run_dir.log); `harness`: (phase, events folder) to make that phase slow; `prefix`: a command that
     runs it."""
-    entry = ["-m", "spidr_fast.train"] if harness is None else [str(HARNESS), harness[0], str(SLOW_SECONDS), str(harness[1])]
+    entry = (
+        ["-m", "spidr_fast.train"]
+        if harness is None
+        else [str(HARNESS), harness[0], str(SLOW_SECONDS), str(harness[1])]
+    )
     command = [*prefix, sys.executable, *entry, *tiny_cli_args(run_dir, *RUN_FLAGS, *extra)]
     with (log or run_dir.with_suffix(".log")).open("ab") as output:
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})  # fmt: skip
+        return subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+        )
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:  # noqa: ANN001
@@ -182,11 +198,15 @@ def test_sigkill_mid_write_resumes_from_the_previous_checkpoint(tmp_path, uninte
 def _can_mount_in_a_user_namespace() -> bool:
     if shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True).returncode == 0
+    )
 
 
-needs_mounts = pytest.mark.skipif(not _can_mount_in_a_user_namespace(),
-                                  reason="needs unshare -rm (user namespaces) to mount a small or read-only folder")  # fmt: skip
+needs_mounts = pytest.mark.skipif(
+    not _can_mount_in_a_user_namespace(),
+    reason="needs unshare -rm (user namespaces) to mount a small or read-only folder",
+)
 
 
 def in_a_mount_namespace(script: str) -> tuple[str, ...]:
@@ -219,7 +239,7 @@ def test_a_read_only_checkpoint_folder_is_an_error_naming_it(tmp_path):
     log = run_dir.with_suffix(".log")
     assert finish(launch(run_dir, "--set=optimizer.max_steps=2", "--set=run.validate_interval=0")) == 0
     folder = run_dir / "checkpoints"
-    script = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && \"$@\""
+    script = f'mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && "$@"'
     assert finish(launch(run_dir, prefix=in_a_mount_namespace(script))) == 1, log.read_text()
     assert f"cannot write checkpoint step_00000004.pt to {folder} ([Errno 30] Read-only file system" in log.read_text()
     assert [p.name for p in folder.iterdir()] == ["step_00000002.pt"]
@@ -234,10 +254,22 @@ def launch_ranks(run_dir: Path, world_size: int, *extra: str) -> list[subprocess
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [launch(run_dir, "--set=data.num_workers=0", *extra, log=run_dir.parent / f"rank{rank}.log",
-                   env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-            for rank in range(world_size)]  # fmt: skip
+    return [
+        launch(
+            run_dir,
+            "--set=data.num_workers=0",
+            *extra,
+            log=run_dir.parent / f"rank{rank}.log",
+            env={
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for rank in range(world_size)
+    ]
 
 
 def test_a_dead_rank_stops_the_others_with_an_error_and_a_restart_resumes(tmp_path):
@@ -296,8 +328,15 @@ def test_bad_audio_files_are_skipped_named_and_counted_and_the_run_goes_on(tmp_p
         f.writelines(f"wav/{name}.wav\t{len(good)}\n" for name in bad)
     run_dir = tmp_path / "run"
     # Every file in one batch, so that each step reads each file once.
-    process = launch(run_dir, "--manifest", str(manifest), "--set=optimizer.max_steps=2", "--set=run.validate_interval=0",
-                     "--set=data.max_batch_length=1000000", "--set=data.num_buckets=1")  # fmt: skip
+    process = launch(
+        run_dir,
+        "--manifest",
+        str(manifest),
+        "--set=optimizer.max_steps=2",
+        "--set=run.validate_interval=0",
+        "--set=data.max_batch_length=1000000",
+        "--set=data.num_buckets=1",
+    )
     log = run_dir.with_suffix(".log")
     assert finish(process) == 0, log.read_text()
     for name in bad:
@@ -316,9 +355,16 @@ def test_a_loader_worker_killed_by_its_decoder_names_the_file_and_the_run_goes_o
     with manifest.open("a") as f:
         f.write(f"wav/crash.wav\t{soundfile.info(wav / 'crash.wav').frames}\n")
     run_dir = tmp_path / "run"
-    process = launch(run_dir, "--manifest", str(manifest), "--set=optimizer.max_steps=3", "--set=run.validate_interval=0",
-                     "--set=data.max_batch_length=1000000", "--set=data.num_buckets=1",
-                     harness=("decoder-crash", tmp_path / "events"))  # fmt: skip
+    process = launch(
+        run_dir,
+        "--manifest",
+        str(manifest),
+        "--set=optimizer.max_steps=3",
+        "--set=run.validate_interval=0",
+        "--set=data.max_batch_length=1000000",
+        "--set=data.num_buckets=1",
+        harness=("decoder-crash", tmp_path / "events"),
+    )
     log = run_dir.with_suffix(".log")
     assert finish(process) == 0, log.read_text()
     assert f"a loader worker died decoding {wav / 'crash.wav'}: skipping that file from now on" in log.read_text()

@@ -74,8 +74,11 @@ def test_features_and_units_equal_official(official, name):
     theirs.eval()
     ours.eval()
     waveforms, _, attention_mask = batch(ours)
-    for a, b in zip(ours.get_intermediate_outputs(waveforms, attention_mask=attention_mask),
-                    theirs.get_intermediate_outputs(waveforms, attention_mask=attention_mask), strict=True):  # fmt: skip
+    for a, b in zip(
+        ours.get_intermediate_outputs(waveforms, attention_mask=attention_mask),
+        theirs.get_intermediate_outputs(waveforms, attention_mask=attention_mask),
+        strict=True,
+    ):
         assert relative_error(a, b) < 1e-5
     for onehot in (False, True):
         ours_units = ours.get_codebooks(waveforms, attention_mask=attention_mask, onehot=onehot)
@@ -149,7 +152,9 @@ def direct_loss(model, waveforms, mask_indices):
         centroids = model.codebooks[i].codebook / model.codebooks[i].counts.unsqueeze(1)
         rows = masked_frame_index(mask_indices, feats.shape[1])
         labels = torch.cdist(t.flatten(0, 1)[rows], centroids).argmin(1)
-        losses.append(torch.nn.functional.cross_entropy(model.heads[i][0](s.flatten(0, 1)[rows]), labels, reduction="none"))
+        losses.append(
+            torch.nn.functional.cross_entropy(model.heads[i][0](s.flatten(0, 1)[rows]), labels, reduction="none")
+        )
     return torch.stack(losses).mean(0)
 
 
@@ -178,7 +183,11 @@ def test_backward_reaches_every_trainable_parameter(name):
 def test_spidr_freezes_its_unused_last_norm(layer_norm_first):
     model = tiny("spidr", encoder_layer_norm_first=layer_norm_first)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("teacher.")}
-    expected = "student.layer_norm" if layer_norm_first else f"student.layers.{TINY['encoder_num_layers'] - 1}.final_layer_norm"
+    expected = (
+        "student.layer_norm"
+        if layer_norm_first
+        else f"student.layers.{TINY['encoder_num_layers'] - 1}.final_layer_norm"
+    )
     assert frozen == {f"{expected}.weight", f"{expected}.bias"}
 
 
@@ -222,8 +231,12 @@ def test_training_step_updates_codebooks_and_eval_does_not():
 def test_codebook_buffers_stay_views_of_the_stacked_storage():
     model = tiny("dinosr")
     state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
-    for apply in (lambda m: m.double(), lambda m: m.float(), lambda m: m.load_state_dict(state),
-                  lambda m: m.load_state_dict(state, assign=True)):  # fmt: skip
+    for apply in (
+        lambda m: m.double(),
+        lambda m: m.float(),
+        lambda m: m.load_state_dict(state),
+        lambda m: m.load_state_dict(state, assign=True),
+    ):
         apply(model)
         codebooks = model.codebooks
         for i, layer in enumerate(codebooks):
@@ -298,25 +311,37 @@ def test_build_model_from_config_and_our_checkpoint(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    (dict(checkpoint="model.ckpt", model_type="spidr"), ValueError, "must be a .pt file"),
-    (dict(checkpoint="missing.pt", model_type="spidr"), FileNotFoundError, "missing.pt"),
-    (dict(checkpoint="missing.pt", model_type="hubert"), ValueError, "model_type must be one of"),
-    (dict(cfg={"encoder_embed_dim": 64}), ValueError, "give cfg"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(checkpoint="model.ckpt", model_type="spidr"), ValueError, "must be a .pt file"),
+        (dict(checkpoint="missing.pt", model_type="spidr"), FileNotFoundError, "missing.pt"),
+        (dict(checkpoint="missing.pt", model_type="hubert"), ValueError, "model_type must be one of"),
+        (dict(cfg={"encoder_embed_dim": 64}), ValueError, "give cfg"),
+    ],
+)
 def test_build_model_names_the_problem(kwargs, error, message):
     with pytest.raises(error, match=message):
         build_model(**kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(waveforms=torch.randn(NUM_SAMPLES)), r"waveforms must be float of shape \(B, samples\)"),
-    (dict(mask_indices=torch.zeros(2, 5, dtype=torch.int32)), "mask_indices must be int64"),
-    (dict(mask_indices=torch.zeros(3, 5, dtype=torch.int64)), r"mask_indices must be int64 of shape \(B, M\) with B = 2"),
-    (dict(mask=torch.zeros(2, 198, dtype=torch.bool)), r"mask must be bool of shape \(B, T\) = \(2, 199\)"),
-    (dict(mask=torch.zeros(2, 199, dtype=torch.bool), mask_indices=torch.zeros(2, 5, dtype=torch.int64)), "not both"),
-    (dict(attention_mask=torch.ones(2, 1, 199)), "attention_mask must be bool of shape"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(waveforms=torch.randn(NUM_SAMPLES)), r"waveforms must be float of shape \(B, samples\)"),
+        (dict(mask_indices=torch.zeros(2, 5, dtype=torch.int32)), "mask_indices must be int64"),
+        (
+            dict(mask_indices=torch.zeros(3, 5, dtype=torch.int64)),
+            r"mask_indices must be int64 of shape \(B, M\) with B = 2",
+        ),
+        (dict(mask=torch.zeros(2, 198, dtype=torch.bool)), r"mask must be bool of shape \(B, T\) = \(2, 199\)"),
+        (
+            dict(mask=torch.zeros(2, 199, dtype=torch.bool), mask_indices=torch.zeros(2, 5, dtype=torch.int64)),
+            "not both",
+        ),
+        (dict(attention_mask=torch.ones(2, 1, 199)), "attention_mask must be bool of shape"),
+    ],
+)
 def test_forward_names_bad_argument(kwargs, message):
     model = tiny("spidr")
     waveforms = kwargs.pop("waveforms", torch.randn(2, NUM_SAMPLES))

@@ -38,7 +38,9 @@ def test_cli_trains_on_the_synthetic_corpus_and_exports_for_the_official_package
     validation = [r for r in records if r["split"] == "valid/synthetic"][-1]
     assert 0 <= validation["units/heads/layer_3/pnmi"] <= 1 and 0 <= validation["units/codebooks/layer_3/pnmi"] <= 1
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [
-        "step_00000002.pt", "step_00000004.pt"]  # fmt: skip
+        "step_00000002.pt",
+        "step_00000004.pt",
+    ]
     loaded = official.build_model(model_type="spidr", checkpoint=tmp_path / "run" / "export" / "model.pt")
     assert loaded.codebooks[0].codebook.shape == (TINY["codebook_size"], TINY["encoder_embed_dim"])
 
@@ -115,8 +117,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     constant_lr = {"scheduler": "constant", "warmup_steps": 2}
     straight = Trainer(tiny_config(optimizer=constant_lr, validation={}), tmp_path / "a", CPU, progress=False)
     straight.fit()
-    first = Trainer(tiny_config(optimizer=constant_lr | {"max_steps": 2}, validation={}), tmp_path / "b", CPU,
-                    progress=False)  # fmt: skip
+    first = Trainer(
+        tiny_config(optimizer=constant_lr | {"max_steps": 2}, validation={}), tmp_path / "b", CPU, progress=False
+    )
     first.fit()
     resumed = Trainer(tiny_config(optimizer=constant_lr, validation={}), tmp_path / "b", CPU, progress=False)
     assert resumed.step == 2
@@ -147,8 +150,12 @@ def _concat(batches):
 
     width = min(b.waveforms.shape[1] for b in batches)
     masks = min(b.mask_indices.shape[1] for b in batches)
-    return Batch(torch.cat([b.waveforms[:, :width] for b in batches]), None,
-                 torch.cat([b.mask_indices[:, :masks] for b in batches]), 0)  # fmt: skip
+    return Batch(
+        torch.cat([b.waveforms[:, :width] for b in batches]),
+        None,
+        torch.cat([b.mask_indices[:, :masks] for b in batches]),
+        0,
+    )
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
@@ -158,8 +165,10 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     micro = _batches(accumulated, 4)
     union = _concat(micro)
     # Same shapes inside each micro-batch as in the union batch, so the two computations see the same frames.
-    micro = [type(b)(b.waveforms[:, : union.waveforms.shape[1]], None, b.mask_indices[:, : union.mask_indices.shape[1]], 0)
-             for b in micro]  # fmt: skip
+    micro = [
+        type(b)(b.waveforms[:, : union.waveforms.shape[1]], None, b.mask_indices[:, : union.mask_indices.shape[1]], 0)
+        for b in micro
+    ]
     accumulated.train_step(micro)
     large.train_step([union])
     for key, value in large.model.state_dict().items():
@@ -214,7 +223,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     trainer.train_step([batches[0]])
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     forward = trainer.model.forward
-    monkeypatch.setattr(trainer.model, "forward", lambda *a, **k: (lambda l, o: (l * float("nan"), o))(*forward(*a, **k)))
+    monkeypatch.setattr(
+        trainer.model, "forward", lambda *a, **k: (lambda l, o: (l * float("nan"), o))(*forward(*a, **k))
+    )
     _, applied, _ = trainer.train_step([batches[1]])
     assert not applied and trainer.step == 1
     for key, value in trainer.model.state_dict().items():  # no optimizer, EMA or codebook update
@@ -267,8 +278,9 @@ def test_unreadable_audio_is_skipped_and_counted(tmp_path):
 
     manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
     (tmp_path / "corpus" / "wav" / "utt00002.wav").write_bytes(b"RIFF corrupt")
-    cfg = tiny_config(data={"manifest": str(manifest), "max_batch_length": 200_000},
-                      optimizer={"max_steps": 2}, validation={})  # fmt: skip
+    cfg = tiny_config(
+        data={"manifest": str(manifest), "max_batch_length": 200_000}, optimizer={"max_steps": 2}, validation={}
+    )
     summary = Trainer(cfg, tmp_path / "run", CPU, progress=False).fit()
     assert summary["step"] == 2 and summary["skipped_files"] >= 1
 
@@ -307,8 +319,8 @@ def test_lr_schedules_equal_official(official, scheduler):
     from spidr.config import OptimizerConfig as OfficialOptimizerConfig
     from spidr.optimizer import build_scheduler
 
-    fields = dict(scheduler=scheduler, max_steps=100, warmup_steps=10, hold_steps=20, decay_steps=30,
-                  rsqrt_timescale=7, rsqrt_shift=3, lr=1.0)  # fmt: skip
+    stages = dict(warmup_steps=10, hold_steps=20, decay_steps=30, rsqrt_timescale=7, rsqrt_shift=3)
+    fields = dict(scheduler=scheduler, max_steps=100, lr=1.0, **stages)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     official_scheduler = build_scheduler(optimizer, OfficialOptimizerConfig(**fields))
     ours = config_module.OptimizerConfig(**fields)
@@ -327,7 +339,9 @@ def test_unit_quality_of_known_clusterings():
     assert constant["pnmi"] == pytest.approx(0.0) and constant["unit_perplexity"] == pytest.approx(1.0)
     rng = torch.Generator().manual_seed(0)
     random_phones = [torch.randint(0, 5, (20_000,), generator=rng).numpy()]
-    independent = unit_quality(joint_counts(random_phones, [torch.randint(0, 7, (10_000,), generator=rng).numpy()], 5, 7))
+    independent = unit_quality(
+        joint_counts(random_phones, [torch.randint(0, 7, (10_000,), generator=rng).numpy()], 5, 7)
+    )
     assert independent["pnmi"] < 0.01
     with pytest.raises(ValueError, match="utterance 0: 80 phone frames but 20 unit frames"):
         joint_counts(phones, [torch.zeros(10, dtype=torch.long).numpy()], 4, 8)
@@ -339,7 +353,9 @@ def test_slurm_node_list_first_host():
 
 
 def test_profile_writes_a_trace_of_the_scheduled_steps(tmp_path):
-    trainer = Trainer(tiny_config(optimizer={"max_steps": 7}, validation={}), tmp_path, CPU, profile=True, progress=False)
+    trainer = Trainer(
+        tiny_config(optimizer={"max_steps": 7}, validation={}), tmp_path, CPU, profile=True, progress=False
+    )
     trainer.fit()
     assert len(list((tmp_path / "profile").glob("*.pt.trace.json"))) == 1  # steps 5 to 7
 
@@ -370,8 +386,9 @@ def test_freeze_step_drops_the_extractor_from_the_optimizer(tmp_path):
     trainer.fit()
     assert trainer.step == 4 and len(trainer.optimizer.param_groups) == 1
     assert not any(p.requires_grad for p in trainer.model.feature_extractor.parameters())
-    resumed = Trainer(tiny_config(model={"freeze_step": 2}, optimizer={"max_steps": 5}, validation={}), tmp_path, CPU,
-                      progress=False)  # fmt: skip
+    resumed = Trainer(
+        tiny_config(model={"freeze_step": 2}, optimizer={"max_steps": 5}, validation={}), tmp_path, CPU, progress=False
+    )
     assert len(resumed.optimizer.param_groups) == 1
     resumed.fit()
     assert resumed.step == 5

@@ -20,5 +20,7 @@ def read_alignments(path: str | Path) -> dict[str, dict[str, Any]]:
             records[record["fileid"]] = record
             record["phones"]  # noqa: B018 - every record needs its phones
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}, line {number}: expected a JSON record with fileid and phones ({error})") from error
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON record with fileid and phones ({error})"
+            ) from error
     return records

@@ -99,8 +99,10 @@ class AudioSource:
         path = self.entries[index].path
         with soundfile.SoundFile(str(path)) as audio:
             if audio.samplerate != SAMPLE_RATE or audio.channels != 1:
-                raise UnusableAudio(f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
-                                    f"got {audio.channels} channel(s) at {audio.samplerate} Hz")  # fmt: skip
+                raise UnusableAudio(
+                    f"{path}: expected mono audio at {SAMPLE_RATE} Hz, "
+                    f"got {audio.channels} channel(s) at {audio.samplerate} Hz"
+                )
             if start:
                 audio.seek(start)
             return audio.read(frames=num_samples, dtype="float32", out=out)
@@ -190,8 +192,14 @@ class SpeechDataset(Dataset):
     With `workers`, each worker announces in shared memory the file it is decoding, so that when one dies (a
     decoder crash) the main process can name the file and exclude it (`files_that_killed_a_worker`)."""
 
-    def __init__(self, source: AudioSource | SyntheticSource, *, normalize: bool, workers: int = 0,
-                 excluded: frozenset[int] = frozenset()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: AudioSource | SyntheticSource,
+        *,
+        normalize: bool,
+        workers: int = 0,
+        excluded: frozenset[int] = frozenset(),
+    ) -> None:
         self.source = source
         self.normalize = normalize
         self.excluded = excluded
@@ -242,8 +250,10 @@ class SpeechDataset(Dataset):
             out = row[: clip.num_samples].numpy()
             decoded = len(self.source.load(clip.index, clip.start, clip.num_samples, out))
         if decoded < clip.num_samples:  # truncated or header only
-            raise UnusableAudio(f"the manifest says {self.source.num_samples(clip.index)} samples, the file ends "
-                                f"before sample {clip.start + clip.num_samples}")  # fmt: skip
+            raise UnusableAudio(
+                f"the manifest says {self.source.num_samples(clip.index)} samples, the file ends "
+                f"before sample {clip.start + clip.num_samples}"
+            )
         if not bool(row[: clip.num_samples].isfinite().all()):
             raise UnusableAudio("non-finite samples")
         row[clip.num_samples :] = 0
@@ -306,9 +316,12 @@ class BucketBatchSampler(Sampler[list[Clip]]):
     def __iter__(self) -> Iterator[list[Clip]]:
         mine = self._epoch_batches()[self.rank :: self.world_size]
         for position in range(self.start, len(mine)):
-            crops, rng_state = plan_crops([self.num_samples[i] for i in mine[position]], self.cfg,
-                                          self.batch_seed(position))  # fmt: skip
-            yield [Clip(index, start, size, rng_state) for index, (start, size) in zip(mine[position], crops, strict=True)]
+            crops, rng_state = plan_crops(
+                [self.num_samples[i] for i in mine[position]], self.cfg, self.batch_seed(position)
+            )
+            yield [
+                Clip(index, start, size, rng_state) for index, (start, size) in zip(mine[position], crops, strict=True)
+            ]
 
 
 @dataclass
@@ -319,14 +332,20 @@ class Batch:
     skipped: int  # unreadable files dropped from this batch
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.waveforms.pin_memory(),
-                     None if self.frame_mask is None else self.frame_mask.pin_memory(),
-                     self.mask_indices.pin_memory(), self.skipped)  # fmt: skip
+        return Batch(
+            self.waveforms.pin_memory(),
+            None if self.frame_mask is None else self.frame_mask.pin_memory(),
+            self.mask_indices.pin_memory(),
+            self.skipped,
+        )
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.waveforms.to(device, non_blocking=True),
-                     None if self.frame_mask is None else self.frame_mask.to(device, non_blocking=True),
-                     self.mask_indices.to(device, non_blocking=True), self.skipped)  # fmt: skip
+        return Batch(
+            self.waveforms.to(device, non_blocking=True),
+            None if self.frame_mask is None else self.frame_mask.to(device, non_blocking=True),
+            self.mask_indices.to(device, non_blocking=True),
+            self.skipped,
+        )
 
 
 class Collator:
@@ -363,8 +382,9 @@ def build_loader(
     """Batches of `source` (default: the one `cfg` names) on this rank, with `cfg`'s loader settings; `excluded`:
     indices of files skipped without being read (see `SpeechDataset`)."""
     source = source or build_source(cfg)
-    sampler = BucketBatchSampler([source.num_samples(i) for i in range(len(source))], cfg, rank=rank,
-                                 world_size=world_size)  # fmt: skip
+    sampler = BucketBatchSampler(
+        [source.num_samples(i) for i in range(len(source))], cfg, rank=rank, world_size=world_size
+    )
     workers = cfg.num_workers
     return DataLoader(
         SpeechDataset(source, normalize=cfg.normalize, workers=workers, excluded=excluded),

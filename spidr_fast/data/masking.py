@@ -72,8 +72,10 @@ def compute_mask_indices(cfg: MaskingConfig, lengths: Tensor, generator: torch.G
     kept_spans = torch.arange(starts.shape[1]) < num_spans.unsqueeze(1)
     offsets = torch.arange(int(span_lengths.max()) if span_lengths.numel() else 0)
     positions = starts.unsqueeze(-1) + offsets  # (B, spans, longest span)
-    valid = kept_spans.unsqueeze(-1) & (offsets < span_lengths[:, : starts.shape[1], None]) & (
-        positions < lengths[:, None, None]
+    valid = (
+        kept_spans.unsqueeze(-1)
+        & (offsets < span_lengths[:, : starts.shape[1], None])
+        & (positions < lengths[:, None, None])
     )
     mask = torch.zeros(batch, frames + 1, dtype=torch.bool)
     mask.scatter_(1, torch.where(valid, positions, frames).flatten(1), True)  # invalid ones land in a spare column

@@ -27,22 +27,51 @@ class Phone(NamedTuple):
 
 PHONES: tuple[Phone, ...] = (
     Phone("sil", "silence"),
-    *(Phone(n, "vowel", f, voiced=True) for n, f in [
-        ("iy", (270, 2290, 3010)), ("ih", (390, 1990, 2550)), ("eh", (530, 1840, 2480)), ("ae", (660, 1720, 2410)),
-        ("aa", (730, 1090, 2440)), ("ao", (570, 840, 2410)), ("uh", (440, 1020, 2240)), ("uw", (300, 870, 2240)),
-        ("ah", (640, 1190, 2390)), ("er", (490, 1350, 1690)), ("ey", (480, 2100, 2700)), ("ow", (500, 900, 2300)),
-    ]),  # fmt: skip
-    *(Phone(n, "nasal", f, voiced=True) for n, f in [("m", (250, 1100, 2200)), ("n", (250, 1600, 2600)),
-                                                     ("ng", (250, 2000, 2800))]),  # fmt: skip
-    *(Phone(n, "fricative", noise_band=b, voiced=v) for n, b, v in [
-        ("s", (6000, 2500), False), ("sh", (3500, 1500), False), ("f", (5000, 5000), False),
-        ("th", (4500, 4000), False), ("h", (1500, 2000), False), ("z", (6000, 2500), True),
-        ("zh", (3500, 1500), True), ("v", (4000, 4000), True),
-    ]),  # fmt: skip
-    *(Phone(n, "stop", noise_band=b, voiced=v) for n, b, v in [
-        ("p", (800, 1200), False), ("t", (4500, 3000), False), ("k", (2200, 1500), False),
-        ("b", (800, 1200), True), ("d", (4500, 3000), True), ("g", (2200, 1500), True),
-    ]),  # fmt: skip
+    *(
+        Phone(n, "vowel", f, voiced=True)
+        for n, f in [
+            ("iy", (270, 2290, 3010)),
+            ("ih", (390, 1990, 2550)),
+            ("eh", (530, 1840, 2480)),
+            ("ae", (660, 1720, 2410)),
+            ("aa", (730, 1090, 2440)),
+            ("ao", (570, 840, 2410)),
+            ("uh", (440, 1020, 2240)),
+            ("uw", (300, 870, 2240)),
+            ("ah", (640, 1190, 2390)),
+            ("er", (490, 1350, 1690)),
+            ("ey", (480, 2100, 2700)),
+            ("ow", (500, 900, 2300)),
+        ]
+    ),
+    *(
+        Phone(n, "nasal", f, voiced=True)
+        for n, f in [("m", (250, 1100, 2200)), ("n", (250, 1600, 2600)), ("ng", (250, 2000, 2800))]
+    ),
+    *(
+        Phone(n, "fricative", noise_band=b, voiced=v)
+        for n, b, v in [
+            ("s", (6000, 2500), False),
+            ("sh", (3500, 1500), False),
+            ("f", (5000, 5000), False),
+            ("th", (4500, 4000), False),
+            ("h", (1500, 2000), False),
+            ("z", (6000, 2500), True),
+            ("zh", (3500, 1500), True),
+            ("v", (4000, 4000), True),
+        ]
+    ),
+    *(
+        Phone(n, "stop", noise_band=b, voiced=v)
+        for n, b, v in [
+            ("p", (800, 1200), False),
+            ("t", (4500, 3000), False),
+            ("k", (2200, 1500), False),
+            ("b", (800, 1200), True),
+            ("d", (4500, 3000), True),
+            ("g", (2200, 1500), True),
+        ]
+    ),
 )
 PHONE_NAMES = tuple(p.name for p in PHONES)
 # Mean duration of each kind, in 10 ms frames, before the speaker's rate.
@@ -69,9 +98,11 @@ class SyntheticCorpus:
     def speaker(self, index: int) -> Speaker:
         rng = np.random.default_rng([self.seed, 1, index])
         female = index % 2 == 1
-        return Speaker(pitch=float(rng.uniform(170, 250) if female else rng.uniform(90, 140)),
-                       tract_scale=float(rng.uniform(1.05, 1.2) if female else rng.uniform(0.9, 1.02)),
-                       rate=float(rng.uniform(0.8, 1.25)))  # fmt: skip
+        return Speaker(
+            pitch=float(rng.uniform(170, 250) if female else rng.uniform(90, 140)),
+            tract_scale=float(rng.uniform(1.05, 1.2) if female else rng.uniform(0.9, 1.02)),
+            rate=float(rng.uniform(0.8, 1.25)),
+        )
 
     def speaker_of(self, utterance: int) -> int:
         return utterance % self.num_speakers
@@ -97,8 +128,11 @@ class SyntheticCorpus:
 
     def waveform(self, utterance: int) -> np.ndarray:
         """(samples,) float32 in [-1, 1]."""
-        return _synthesize(self.labels(utterance), self.speaker(self.speaker_of(utterance)),
-                           np.random.default_rng([self.seed, 3, utterance]))  # fmt: skip
+        return _synthesize(
+            self.labels(utterance),
+            self.speaker(self.speaker_of(utterance)),
+            np.random.default_rng([self.seed, 3, utterance]),
+        )
 
     def write(self, out_dir: str | Path, audio_format: str = "wav") -> Path:
         """Write 16-bit audio files (`audio_format`: wav or flac), `alignments.jsonl` (phones every 10 ms) and a
@@ -164,10 +198,14 @@ def _synthesize(labels: np.ndarray, speaker: Speaker, rng: np.random.Generator) 
     # Voiced source: harmonics of the pitch weighted by a three-formant envelope, evaluated per frame.
     harmonics = np.arange(1, int(SAMPLE_RATE / 2 / speaker.pitch * 0.85))
     harmonic_freqs = harmonics[None, :] * pitch_track[:, None]  # (frames, H)
-    envelope = sum(
-        gain / (1 + ((harmonic_freqs - formants[:, [j]]) / (60 + 0.05 * formants[:, [j]])) ** 2)
-        for j, gain in enumerate((1.0, 0.6, 0.3))
-    ) * voicing[:, None] / np.sqrt(harmonics)[None, :]
+    envelope = (
+        sum(
+            gain / (1 + ((harmonic_freqs - formants[:, [j]]) / (60 + 0.05 * formants[:, [j]])) ** 2)
+            for j, gain in enumerate((1.0, 0.6, 0.3))
+        )
+        * voicing[:, None]
+        / np.sqrt(harmonics)[None, :]
+    )
     amplitudes = np.stack([np.interp(sample_time, frame_time, envelope[:, h]) for h in range(len(harmonics))], axis=1)
     signal = (amplitudes * np.sin(phase[:, None] * harmonics[None, :])).sum(1)
 
@@ -177,8 +215,11 @@ def _synthesize(labels: np.ndarray, speaker: Speaker, rng: np.random.Generator) 
         phone = phones[start]
         if phone.kind == "fricative":
             segment = slice(start * LABEL_HOP, end * LABEL_HOP)
-            ramp = np.minimum(1, np.minimum(np.arange(segment.stop - segment.start),
-                                            np.arange(segment.stop - segment.start)[::-1]) / 240)  # fmt: skip
+            ramp = np.minimum(
+                1,
+                np.minimum(np.arange(segment.stop - segment.start), np.arange(segment.stop - segment.start)[::-1])
+                / 240,
+            )
             signal[segment] += 0.25 * ramp * _band_noise(rng, segment.stop - segment.start, *phone.noise_band)
         elif phone.kind == "stop":
             closure_end = start + max(1, (end - start) * 2 // 3)

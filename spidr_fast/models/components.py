@@ -20,8 +20,16 @@ class ChannelLayerNorm(nn.LayerNorm):
 class ConvLayerBlock(nn.Module):
     """Conv1d → optional norm → GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *, bias: bool,
-                 layer_norm: nn.Module | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        *,
+        bias: bool,
+        layer_norm: nn.Module | None,
+    ) -> None:
         super().__init__()
         self.layer_norm = layer_norm
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, bias=bias)
@@ -50,8 +58,9 @@ class FeatureExtractor(nn.Module):
             elif i == 0:  # group_norm mode normalises the first layer only, one group per channel
                 norm = nn.GroupNorm(out_channels, out_channels, affine=True)
             self.conv_layers.append(
-                ConvLayerBlock(in_channels, out_channels, kernel_size, stride, bias=cfg.extractor_conv_bias,
-                               layer_norm=norm)  # fmt: skip
+                ConvLayerBlock(
+                    in_channels, out_channels, kernel_size, stride, bias=cfg.extractor_conv_bias, layer_norm=norm
+                )
             )
             in_channels = out_channels
 
@@ -149,8 +158,9 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: DinoSRConfig) -> None:
         super().__init__()
         dim = cfg.encoder_embed_dim
-        self.attention = SelfAttention(dim, cfg.encoder_num_heads, qkv_bias=cfg.encoder_qkv_bias,
-                                       dropout=cfg.encoder_attention_dropout)  # fmt: skip
+        self.attention = SelfAttention(
+            dim, cfg.encoder_num_heads, qkv_bias=cfg.encoder_qkv_bias, dropout=cfg.encoder_attention_dropout
+        )
         self.dropout = nn.Dropout(cfg.encoder_dropout)
         self.layer_norm = nn.LayerNorm(dim)
         self.layer_norm_first = cfg.encoder_layer_norm_first
@@ -173,8 +183,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: DinoSRConfig) -> None:
         super().__init__()
-        self.pos_conv_embed = ConvPositionalEmbedding(cfg.encoder_embed_dim, cfg.encoder_pos_conv_kernel,
-                                                      cfg.encoder_pos_conv_groups, cfg.encoder_pos_conv_depth)  # fmt: skip
+        self.pos_conv_embed = ConvPositionalEmbedding(
+            cfg.encoder_embed_dim, cfg.encoder_pos_conv_kernel, cfg.encoder_pos_conv_groups, cfg.encoder_pos_conv_depth
+        )
         self.layer_norm = nn.LayerNorm(cfg.encoder_embed_dim)
         # Post-norm layers take a norm before the first layer; pre-norm layers a norm after the last one.
         self.norm_before_layers = not cfg.encoder_layer_norm_first

@@ -155,8 +155,9 @@ class DinoSR(nn.Module):
 
     def _features(self, waveforms: Tensor) -> Tensor:
         if waveforms.dim() != 2 or not waveforms.is_floating_point():
-            raise ValueError(f"waveforms must be float of shape (B, samples), got {waveforms.dtype} "
-                             f"{tuple(waveforms.shape)}")  # fmt: skip
+            raise ValueError(
+                f"waveforms must be float of shape (B, samples), got {waveforms.dtype} {tuple(waveforms.shape)}"
+            )
         return self.feature_projection(self.feature_extractor(waveforms))
 
     def get_intermediate_outputs(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> list[Tensor]:
@@ -270,4 +271,3 @@ class DinoSR(nn.Module):
         if self.codebooks.decay >= 1.0:
             return
         self.codebooks.update_(*sum_over_ranks(batch_counts, batch_sums))
-

@@ -8,11 +8,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_tensor(
-    name: str,
-    tensor: object,
-    *,
-    ndim: int | None = None,
-    dtypes: Sequence[torch.dtype] | None = None,
+    name: str, tensor: object, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None
 ) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")

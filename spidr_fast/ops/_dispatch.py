@@ -26,7 +26,7 @@ MEASURED_GPU_DEFAULTS: dict[str, tuple[str, str]] = {
         "reference",
         "SDPA: on an H100 (2026-11-27) our flash-attention's forward + backward took 2.4-2.9x SDPA cuDNN's and "
         "1.9-2.4x SDPA flash's at T = 250-1000, and SpidR's training step 1.10x longer with it",
-    ),
+    )
 }
 
 

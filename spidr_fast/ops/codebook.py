@@ -246,11 +246,7 @@ _codebook_ema_update_op = custom_op("codebook_ema_update_", fake=lambda *_: None
 
 @torch.no_grad()
 def codebook_ema_update_(
-    codebook: torch.Tensor,
-    counts: torch.Tensor,
-    batch_counts: torch.Tensor,
-    batch_sums: torch.Tensor,
-    decay: float,
+    codebook: torch.Tensor, counts: torch.Tensor, batch_counts: torch.Tensor, batch_sums: torch.Tensor, decay: float
 ) -> None:
     """In place, every layer, the official rule for each codeword assigned at least once in the batch:
 

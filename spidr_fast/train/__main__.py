@@ -47,14 +47,18 @@ FIELD_FLAGS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m spidr_fast.train", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--config", help="TOML or JSON config with the official sections (run, data, model, "
-                        "optimizer, masking, validation); without it, the small synthetic-corpus run")  # fmt: skip
+    parser = ArgumentParser(prog="python -m spidr_fast.train", description=__doc__)
+    parser.add_argument(
+        "--config",
+        help="TOML or JSON config with the official sections (run, data, model, "
+        "optimizer, masking, validation); without it, the small synthetic-corpus run",
+    )
     parser.add_argument("--model", choices=["spidr", "dinosr"], help="run.model_type")
     parser.add_argument("--manifest", help="data.manifest: a fairseq TSV or an official spidr CSV of 16 kHz mono audio")
     parser.add_argument("--max-steps", type=int, help="optimizer.max_steps")
-    parser.add_argument("--run-dir", type=Path, help="run folder (default: run.workdir/run.wandb_project/run.wandb_name)")
+    parser.add_argument(
+        "--run-dir", type=Path, help="run folder (default: run.workdir/run.wandb_project/run.wandb_name)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic batch and time)")
     parser.add_argument("--accumulate", type=int, help="run.accumulate: micro-batches per optimizer step")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="optimizer.dtype: autocast dtype")
@@ -67,11 +71,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, help="data.num_workers: data-loading processes")
     parser.add_argument("--max-batch-length", type=int, help="data.max_batch_length: samples per batch and GPU")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else the CPU)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override any config field, value in TOML syntax (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, value in TOML syntax (repeatable)",
+    )
     parser.add_argument("--profile", action="store_true", help="write a torch profiler trace of a few steps")
-    parser.add_argument("--export", action="store_true",
-                        help="at the end, write export/model.pt and config.json that the official spidr loads")  # fmt: skip
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="at the end, write export/model.pt and config.json that the official spidr loads",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -101,8 +113,9 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
     if export:
         lines.append(f"export (official format): {export}")
     if train:
-        lines.append(f"final loss: {train['loss']:.4f} (target ppl {train['target_ppl']:.1f}, "
-                     f"pred ppl {train['pred_ppl']:.1f})")  # fmt: skip
+        lines.append(
+            f"final loss: {train['loss']:.4f} (target ppl {train['target_ppl']:.1f}, pred ppl {train['pred_ppl']:.1f})"
+        )
     if summary["skipped_files"]:
         lines.append(f"unreadable audio files skipped: {summary['skipped_files']}")
     for name, result in (summary.get("validation") or {}).items():
@@ -135,12 +148,21 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
     run_dir = (args.run_dir or cfg.run.dir).resolve()
     ctx = distributed.setup(args.device, cfg.run.collective_timeout)
     try:
-        trainer = Trainer(cfg, run_dir, ctx, compile_backend="inductor" if args.compile or cfg.run.compile else None, profile=args.profile,
-                          progress=not args.no_progress, preemption=preemption)  # fmt: skip
+        trainer = Trainer(
+            cfg,
+            run_dir,
+            ctx,
+            compile_backend="inductor" if args.compile or cfg.run.compile else None,
+            profile=args.profile,
+            progress=not args.no_progress,
+            preemption=preemption,
+        )
         if ctx.is_main:  # after the Trainer: a folder holding another model's run keeps its config.json
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         summary = trainer.fit()
-        export = export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
+        export = (
+            export_state_dict(trainer.model, cfg.model, run_dir / "export") if args.export and ctx.is_main else None
+        )
         if ctx.is_main:
             plot = run_dir / "metrics.png"
             print_summary(summary, export, plot if plot_training(run_dir / "metrics.jsonl", plot) else None)
@@ -154,9 +176,13 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
         # run.collective_timeout): leave at once, with every rank's state on disk as of the latest checkpoint.
         traceback.print_exc()
         latest = checkpoint.checkpoints(run_dir / "checkpoints")
-        print(f"error: rank {ctx.rank} of {ctx.world_size} stopped ({str(error).splitlines()[0]}); when a rank "
-              "dies, the others stop in their next collective. Restart every rank to resume from "
-              f"{latest[-1] if latest else 'the start (no checkpoint yet)'}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"error: rank {ctx.rank} of {ctx.world_size} stopped ({str(error).splitlines()[0]}); when a rank "
+            "dies, the others stop in their next collective. Restart every rank to resume from "
+            f"{latest[-1] if latest else 'the start (no checkpoint yet)'}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)  # destroying a process group whose peer is gone can block
     finally:
         distributed.teardown()

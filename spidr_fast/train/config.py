@@ -117,7 +117,9 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown field {section}.{unknown[0]} (known fields of [{section}]: {', '.join(sorted(known))})")
+        raise ValueError(
+            f"unknown field {section}.{unknown[0]} (known fields of [{section}]: {', '.join(sorted(known))})"
+        )
     for f in fields(cls):
         if f.name in values and f.type in (int, float, bool, str) and not _has_type(values[f.name], f.type):
             raise ValueError(f"{section}.{f.name} must be {f.type.__name__}, got {values[f.name]!r}")
@@ -140,8 +142,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     validation = raw.get("validation", {})
     model = _build(model_class, "model", raw.get("model", {}))
     if not 1 <= model.num_codebooks <= model.encoder_num_layers:  # training reads one teacher layer per codebook
-        raise ValueError(f"model.num_codebooks ({model.num_codebooks}) must be between 1 and "
-                         f"model.encoder_num_layers ({model.encoder_num_layers}) to train")  # fmt: skip
+        raise ValueError(
+            f"model.num_codebooks ({model.num_codebooks}) must be between 1 and "
+            f"model.encoder_num_layers ({model.encoder_num_layers}) to train"
+        )
     return TrainConfig(
         run=run,
         data=_build(DataConfig, "data", raw.get("data", {})),
@@ -177,7 +181,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_override(assignment: str) -> dict[str, Any]:
-    """"section.field=value" or "validation.name.field=value" (value in TOML syntax, or a bare string) → the
+    """ "section.field=value" or "validation.name.field=value" (value in TOML syntax, or a bare string) → the
     nested dict {"section": {"field": value}}."""
     key, sep, value = assignment.partition("=")
     path = key.strip().split(".")
@@ -194,30 +198,68 @@ def parse_override(assignment: str) -> dict[str, Any]:
 
 # A small SpidR on the synthetic corpus: a few minutes of training on 2 CPU cores.
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
-    "run": {"model_type": "spidr", "log_interval": 10, "save_interval": 100, "keep_latest": 2, "compile": False,
-            "validate_interval": 100},
+    "run": {
+        "model_type": "spidr",
+        "log_interval": 10,
+        "save_interval": 100,
+        "keep_latest": 2,
+        "compile": False,
+        "validate_interval": 100,
+    },
     # Every clip (2 to 4 s) cropped to 2 s and full batches only: one shape, so --compile compiles once (CPU
     # inductor specialises convolution lengths, so varying crops would recompile there).
-    "data": {"max_sample_size": 32_000, "max_batch_length": 224_000, "num_buckets": 4, "num_workers": 2,
-             "min_sample_size": 32_000, "drop_last": True},
-    "model": {"extractor_conv_layer_config": [[128, 10, 5], [128, 3, 2], [128, 3, 2], [128, 3, 2], [128, 3, 2],
-                                              [128, 2, 2], [128, 2, 2]],  # 20 ms frames, as the official
-              "encoder_embed_dim": 192, "encoder_num_heads": 4, "encoder_num_layers": 6,
-              "encoder_ff_interm_features": 512, "encoder_pos_conv_kernel": 32, "encoder_pos_conv_groups": 8,
-              "encoder_pos_conv_depth": 2, "num_codebooks": 4, "codebook_size": 64},
+    "data": {
+        "max_sample_size": 32_000,
+        "max_batch_length": 224_000,
+        "num_buckets": 4,
+        "num_workers": 2,
+        "min_sample_size": 32_000,
+        "drop_last": True,
+    },
+    "model": {
+        "extractor_conv_layer_config": [
+            [128, 10, 5],
+            [128, 3, 2],
+            [128, 3, 2],
+            [128, 3, 2],
+            [128, 3, 2],
+            [128, 2, 2],
+            [128, 2, 2],
+        ],  # 20 ms frames, as the official
+        "encoder_embed_dim": 192,
+        "encoder_num_heads": 4,
+        "encoder_num_layers": 6,
+        "encoder_ff_interm_features": 512,
+        "encoder_pos_conv_kernel": 32,
+        "encoder_pos_conv_groups": 8,
+        "encoder_pos_conv_depth": 2,
+        "num_codebooks": 4,
+        "codebook_size": 64,
+    },
     "optimizer": {"lr": 1e-3, "dtype": "float32", "max_steps": 300, "warmup_steps": 30, "scheduler": "cosine"},
-    "validation": {"synthetic": {"synthetic_utterances": 64, "synthetic_seed": 1, "num_workers": 0,
-                                 "max_sample_size": 64_000, "max_batch_length": 400_000, "num_buckets": 4,
-                                 "min_sample_size": 16_000}},
-}  # fmt: skip
+    "validation": {
+        "synthetic": {
+            "synthetic_utterances": 64,
+            "synthetic_seed": 1,
+            "num_workers": 0,
+            "max_sample_size": 64_000,
+            "max_batch_length": 400_000,
+            "num_buckets": 4,
+            "min_sample_size": 16_000,
+        }
+    },
+}
 # Each model's own teacher schedule, both 100 times shorter than the official one (SpidR's timescale of 20k steps,
 # DinoSR's linear anneal over 30k), so that `--model dinosr` runs the same corpus and budget as SpidR.
-SYNTHETIC_TEACHER_SCHEDULES: dict[str, dict[str, Any]] = {"spidr": {"ema_timescale": 200.0},
-                                                          "dinosr": {"ema_final_step": 300}}  # fmt: skip
+SYNTHETIC_TEACHER_SCHEDULES: dict[str, dict[str, Any]] = {
+    "spidr": {"ema_timescale": 200.0},
+    "dinosr": {"ema_final_step": 300},
+}
 
 
 def synthetic_defaults(model_type: str) -> dict[str, Any]:
     """`SYNTHETIC_DEFAULTS` for `model_type`, with that model's teacher schedule."""
     _check_choice("run.model_type", model_type, tuple(SYNTHETIC_TEACHER_SCHEDULES))
-    return merge(SYNTHETIC_DEFAULTS, {"run": {"model_type": model_type},
-                                      "model": SYNTHETIC_TEACHER_SCHEDULES[model_type]})  # fmt: skip
+    return merge(
+        SYNTHETIC_DEFAULTS, {"run": {"model_type": model_type}, "model": SYNTHETIC_TEACHER_SCHEDULES[model_type]}
+    )

@@ -57,16 +57,27 @@ class NonFiniteGuard:
         self.in_a_row += 1
         logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step + 1, self.in_a_row)
         if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(f"{self.in_a_row} non-finite steps in a row at step {step}: stopping. "
-                                 f"Last good checkpoint: {self.checkpointer.latest() or 'none'}")  # fmt: skip
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row at step {step}: stopping. "
+                f"Last good checkpoint: {self.checkpointer.latest() or 'none'}"
+            )
 
 
 class Trainer:
     """A run: the model, its data, optimizer and state, and the collaborators that `fit` calls around each step:
     the checkpointer, the metrics, the validator, the non-finite guard and the profiler."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: Context, *, compile_backend: str | None = None,
-                 profile: bool = False, progress: bool = True, preemption: Preemption | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        ctx: Context,
+        *,
+        compile_backend: str | None = None,
+        profile: bool = False,
+        progress: bool = True,
+        preemption: Preemption | None = None,
+    ) -> None:
         """`compile_backend`: None runs eagerly; "inductor" is torch.compile's default. `preemption`: the signal
         handling already entered by the caller (the CLI, from start-up); without it, `fit` enters its own."""
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
@@ -82,8 +93,9 @@ class Trainer:
         self.model.to(self.device).train()
         self.model.defer_codebook_updates = True
         self.loader = self._build_loader(frozenset())
-        self.checkpointer = checkpoint.Checkpointer(run_dir / "checkpoints", cfg.run.save_interval,
-                                                    cfg.run.keep_latest, enabled=ctx.is_main)  # fmt: skip
+        self.checkpointer = checkpoint.Checkpointer(
+            run_dir / "checkpoints", cfg.run.save_interval, cfg.run.keep_latest, enabled=ctx.is_main
+        )
         self.nonfinite = NonFiniteGuard(cfg.run.max_nonfinite_steps, self.checkpointer)
         self.step, self.epoch, self.position, self.skipped_files = 0, 0, 0, 0
         state = self.checkpointer.load_latest()
@@ -122,13 +134,16 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "position": self.position,
-            "nonfinite_in_a_row": self.nonfinite.in_a_row, "skipped_files": self.skipped_files,
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "nonfinite_in_a_row": self.nonfinite.in_a_row,
+            "skipped_files": self.skipped_files,
             "world_size": self.ctx.world_size,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": dataclasses.asdict(self.cfg),
-        }  # fmt: skip
+        }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -146,9 +161,15 @@ class Trainer:
     # --- data ------------------------------------------------------------------------------------------------------
 
     def _build_loader(self, excluded: frozenset[int]) -> DataLoader:
-        return build_loader(self.cfg.data, self.cfg.masking, partial(num_frames, self.cfg.model), rank=self.ctx.rank,
-                            world_size=self.ctx.world_size, pin_memory=self.device.type == "cuda",
-                            excluded=excluded)  # fmt: skip
+        return build_loader(
+            self.cfg.data,
+            self.cfg.masking,
+            partial(num_frames, self.cfg.model),
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            pin_memory=self.device.type == "cuda",
+            excluded=excluded,
+        )
 
     def _rest_of_epoch(self) -> Iterator[Batch]:
         """This epoch's batches from the saved position. A loader worker that dies (a decoder crash) does not end
@@ -169,9 +190,13 @@ class Trainer:
                 if not culprits:
                     raise
             for index in culprits:
-                logger.warning("a loader worker died decoding %s: skipping that file from now on, restarting the "
-                               "loader at batch %d of epoch %d", self.loader.dataset.source.name(index),
-                               self.position, self.epoch)  # fmt: skip
+                logger.warning(
+                    "a loader worker died decoding %s: skipping that file from now on, restarting the "
+                    "loader at batch %d of epoch %d",
+                    self.loader.dataset.source.name(index),
+                    self.position,
+                    self.epoch,
+                )
             self.loader = self._build_loader(self.loader.dataset.excluded | frozenset(culprits))
 
     def _batches(self) -> Iterator[Batch]:
@@ -188,8 +213,10 @@ class Trainer:
                     yield batch
             # A whole epoch without audio would loop forever; a run resumed at an epoch's end has none left in it.
             if not usable and start == 0:
-                raise ValueError(f"no readable audio in a whole epoch of data.manifest {self.cfg.data.manifest!r} "
-                                 f"({self.skipped_files} unreadable files skipped)")  # fmt: skip
+                raise ValueError(
+                    f"no readable audio in a whole epoch of data.manifest {self.cfg.data.manifest!r} "
+                    f"({self.skipped_files} unreadable files skipped)"
+                )
             self.epoch, self.position = self.epoch + 1, 0
 
     # --- one step --------------------------------------------------------------------------------------------------
@@ -209,14 +236,19 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ctx.world_size == 1 else self.net.no_sync()
             with sync:
                 with nvtx("forward"), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-                    loss, out = self.net(batch.waveforms, mask_indices=batch.mask_indices,
-                                         attention_mask=batch.frame_mask)  # fmt: skip
+                    loss, out = self.net(
+                        batch.waveforms, mask_indices=batch.mask_indices, attention_mask=batch.frame_mask
+                    )
                 with nvtx("backward"):
                     self.scaler.scale(loss.sum() * self.ctx.world_size / global_frames).backward()
-            detached = {"loss_sum": loss.detach().sum(), "frames": torch.tensor(float(loss.numel())),
-                        "target_ppl": out["target_ppl"].detach() / len(batches),
-                        "pred_ppl": out["pred_ppl"].detach() / len(batches),
-                        "codebook_counts": out["codebook_counts"], "codebook_sums": out["codebook_sums"]}  # fmt: skip
+            detached = {
+                "loss_sum": loss.detach().sum(),
+                "frames": torch.tensor(float(loss.numel())),
+                "target_ppl": out["target_ppl"].detach() / len(batches),
+                "pred_ppl": out["pred_ppl"].detach() / len(batches),
+                "codebook_counts": out["codebook_counts"],
+                "codebook_sums": out["codebook_sums"],
+            }
             for key, value in detached.items():
                 totals[key] = totals[key] + value.to(self.device) if key in totals else value.to(self.device)
         return totals, stop_votes
@@ -264,9 +296,14 @@ class Trainer:
         with self.preemption:
             preempted = self._train()
             last_checkpoint = self.save()
-            summary = {"run_dir": str(self.run_dir), "step": self.step, "preempted": preempted,
-                       "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-                       "skipped_files": self.skipped_files, "train": self.metrics.last_record}  # fmt: skip
+            summary = {
+                "run_dir": str(self.run_dir),
+                "step": self.step,
+                "preempted": preempted,
+                "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+                "skipped_files": self.skipped_files,
+                "train": self.metrics.last_record,
+            }
             if not preempted:
                 summary["validation"] = self.validate()
             return summary
@@ -281,8 +318,13 @@ class Trainer:
                 totals, applied, stop = self.train_step(micro_batches, float(self.preemption.requested))
                 profile_step()
                 if applied:
-                    self.metrics.step_applied(totals, step=self.step, epoch=self.epoch,
-                                              lr=self.scheduler.get_last_lr()[0], skipped_files=self.skipped_files)  # fmt: skip
+                    self.metrics.step_applied(
+                        totals,
+                        step=self.step,
+                        epoch=self.epoch,
+                        lr=self.scheduler.get_last_lr()[0],
+                        skipped_files=self.skipped_files,
+                    )
                     self.checkpointer.save_if_due(self.step, self._state)
                     if self.validator.due(self.step):
                         self.validate()
@@ -303,18 +345,28 @@ def _carry_position_over(state: dict[str, Any], world_size: int) -> None:
     saved = state.get("world_size", world_size)
     if saved != world_size:
         position = state["position"] * saved // world_size
-        logger.warning("resuming a run of %d ranks on %d: epoch %d continues at batch %d of each rank's shard "
-                       "(the global batch size changes with the number of ranks)", saved, world_size,
-                       state["epoch"], position)  # fmt: skip
+        logger.warning(
+            "resuming a run of %d ranks on %d: epoch %d continues at batch %d of each rank's shard "
+            "(the global batch size changes with the number of ranks)",
+            saved,
+            world_size,
+            state["epoch"],
+            position,
+        )
         state["position"] = position
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
     """A run folder resumes only the model it holds: name the differing fields instead of a state-dict error."""
-    differences = [f"{section}.{name}: {saved[section][name]!r} in the checkpoint, {value!r} now"
-                   for section in ("model", "run") if section in saved
-                   for name, value in current[section].items()
-                   if (section == "model" or name == "model_type") and saved[section].get(name, value) != value]  # fmt: skip
+    differences = [
+        f"{section}.{name}: {saved[section][name]!r} in the checkpoint, {value!r} now"
+        for section in ("model", "run")
+        if section in saved
+        for name, value in current[section].items()
+        if (section == "model" or name == "model_type") and saved[section].get(name, value) != value
+    ]
     if differences:
-        raise ValueError(f"{folder} holds checkpoints of another model ({'; '.join(differences)}): resume with "
-                         "the same model config, or start a new run with --run-dir")
+        raise ValueError(
+            f"{folder} holds checkpoints of another model ({'; '.join(differences)}): resume with "
+            "the same model config, or start a new run with --run-dir"
+        )

@@ -45,9 +45,13 @@ def build_optimizer(
             continue
         groups[FROZEN_GROUP if name.startswith(tuple(cfg.to_freeze)) else 0]["params"].append(param)
     optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-        weight_decay=cfg.weight_decay, fused=device.type == "cuda",
-    )  # fmt: skip
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
     return optimizer, _schedule(optimizer, cfg, steps_done=0)
 
 

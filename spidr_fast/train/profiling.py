@@ -27,7 +27,8 @@ def profiled_steps(trace_dir: Path | None, device: torch.device) -> Iterator[Cal
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(
-        activities=activities, schedule=torch.profiler.schedule(wait=2, warmup=2, active=3, repeat=1),
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=2, warmup=2, active=3, repeat=1),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
-    ) as profiler:  # fmt: skip
+    ) as profiler:
         yield profiler.step

@@ -40,8 +40,16 @@ class MetricsLog:
             try:
                 import wandb
 
-                self.sinks.append(wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name, mode=cfg.run.wandb_mode,
-                                             dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow"))  # fmt: skip
+                self.sinks.append(
+                    wandb.init(
+                        project=cfg.run.wandb_project,
+                        name=cfg.run.wandb_name,
+                        mode=cfg.run.wandb_mode,
+                        dir=str(run_dir),
+                        config=dataclasses.asdict(cfg),
+                        resume="allow",
+                    )
+                )
             except ImportError:
                 logger.warning("run.loggers asks for wandb, which is not installed")
 
@@ -76,8 +84,14 @@ class TrainingMetrics:
         from tqdm import tqdm
 
         self._interval_start = time.perf_counter()
-        self._bar = tqdm(total=self.max_steps, initial=step, disable=not (self.log.enabled and self.progress),
-                         desc="training", unit="step", dynamic_ncols=True)  # fmt: skip
+        self._bar = tqdm(
+            total=self.max_steps,
+            initial=step,
+            disable=not (self.log.enabled and self.progress),
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+        )
         try:
             yield self
         finally:
@@ -93,16 +107,23 @@ class TrainingMetrics:
         interval, steps = self._interval, self._interval_steps
         seconds = time.perf_counter() - self._interval_start
         self.last_record = {
-            "split": "train", "step": step, "epoch": epoch,
+            "split": "train",
+            "step": step,
+            "epoch": epoch,
             "loss": float(interval["loss_sum"] / interval["frames"]),
-            "target_ppl": float(interval["target_ppl"]) / steps, "pred_ppl": float(interval["pred_ppl"]) / steps,
-            "grad_norm": float(interval["grad_norm"]) / steps, "lr": lr, "ema_decay": float(totals["ema_decay"]),
-            "steps_per_s": steps / max(seconds, 1e-9), "skipped_files": skipped_files,
-        }  # fmt: skip
+            "target_ppl": float(interval["target_ppl"]) / steps,
+            "pred_ppl": float(interval["pred_ppl"]) / steps,
+            "grad_norm": float(interval["grad_norm"]) / steps,
+            "lr": lr,
+            "ema_decay": float(totals["ema_decay"]),
+            "steps_per_s": steps / max(seconds, 1e-9),
+            "skipped_files": skipped_files,
+        }
         self.log.write(self.last_record)
         record = self.last_record
-        self._bar.set_postfix(loss=f"{record['loss']:.3f}", target_ppl=f"{record['target_ppl']:.1f}",
-                              pred_ppl=f"{record['pred_ppl']:.1f}")  # fmt: skip
+        self._bar.set_postfix(
+            loss=f"{record['loss']:.3f}", target_ppl=f"{record['target_ppl']:.1f}", pred_ppl=f"{record['pred_ppl']:.1f}"
+        )
         self._interval, self._interval_steps, self._interval_start = {}, 0, time.perf_counter()
 
 

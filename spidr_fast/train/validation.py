@@ -42,8 +42,14 @@ def frame_labels(source: AudioSource | SyntheticSource, cfg: DataConfig) -> tupl
 
 
 @torch.no_grad()
-def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: torch.device, dtype: torch.dtype,
-             should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:  # fmt: skip
+def validate(
+    model: DinoSR,
+    cfg: DataConfig,
+    masking: MaskingConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any] | None:
     """The results, or None when `should_stop()` became true before the end (checked at every batch and file)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
@@ -57,9 +63,16 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
         with autocast:
             loss, out = model(batch.waveforms, mask_indices=batch.mask_indices, attention_mask=batch.frame_mask)
         loss_sum, frames = loss_sum + float(loss.sum()), frames + loss.numel()
-        target_ppl, pred_ppl, batches = target_ppl + float(out["target_ppl"]), pred_ppl + float(out["pred_ppl"]), batches + 1
-    results: dict[str, Any] = {"loss": loss_sum / max(frames, 1), "target_ppl": target_ppl / max(batches, 1),
-                               "pred_ppl": pred_ppl / max(batches, 1)}  # fmt: skip
+        target_ppl, pred_ppl, batches = (
+            target_ppl + float(out["target_ppl"]),
+            pred_ppl + float(out["pred_ppl"]),
+            batches + 1,
+        )
+    results: dict[str, Any] = {
+        "loss": loss_sum / max(frames, 1),
+        "target_ppl": target_ppl / max(batches, 1),
+        "pred_ppl": pred_ppl / max(batches, 1),
+    }
 
     source = build_source(cfg)
     labels = frame_labels(source, cfg)
@@ -77,16 +90,21 @@ def validate(model: DinoSR, cfg: DataConfig, masking: MaskingConfig, device: tor
                 probs = model.get_codebooks(waveform.unsqueeze(0))[first_head:]
                 targets = model.get_targets(waveform.unsqueeze(0))
             for j, (p, t) in enumerate(zip(probs, targets, strict=True)):
-                units.setdefault(f"heads/layer_{first_head + j}", []).append(p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy())
+                units.setdefault(f"heads/layer_{first_head + j}", []).append(
+                    p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy()
+                )
                 units.setdefault(f"codebooks/layer_{first_head + j}", []).append(t[0].cpu().numpy())
-        quality = {name: unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size))
-                   for name, u in units.items()}  # fmt: skip
+        quality = {
+            name: unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size))
+            for name, u in units.items()
+        }
         results["units"] = quality
         for kind in ("heads", "codebooks"):  # the student's predicted units, and the teacher's target units
             best = max((k for k in quality if k.startswith(kind)), key=lambda k: quality[k]["pnmi"])
             results[kind] = {"best_layer": best.split("/")[1], **quality[best]}
-        results["baseline"] = mfcc_kmeans_quality(source, cfg, phones, num_phones, model.cfg.codebook_size,
-                                                  frame_hop(model.cfg))  # fmt: skip
+        results["baseline"] = mfcc_kmeans_quality(
+            source, cfg, phones, num_phones, model.cfg.codebook_size, frame_hop(model.cfg)
+        )
     return results
 
 
@@ -95,8 +113,9 @@ class Validator:
     (validation forwards need no collective). A preemption signal stops it at the next batch or file, unlogged,
     so that the checkpoint comes within the scheduler's grace period."""
 
-    def __init__(self, cfg: TrainConfig, log: MetricsLog, preemption: Preemption, device: torch.device,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: TrainConfig, log: MetricsLog, preemption: Preemption, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.cfg, self.log, self.preemption, self.device, self.dtype = cfg, log, preemption, device, dtype
 
     def due(self, step: int) -> bool:
@@ -110,8 +129,14 @@ class Validator:
             return {}
         results = {}
         for name, data_cfg in self.cfg.validation.items():
-            result = validate(model, data_cfg, self.cfg.masking, self.device, self.dtype,
-                              should_stop=lambda: self.preemption.requested)  # fmt: skip
+            result = validate(
+                model,
+                data_cfg,
+                self.cfg.masking,
+                self.device,
+                self.dtype,
+                should_stop=lambda: self.preemption.requested,
+            )
             if result is None:
                 logger.warning("validation [%s] interrupted by %s", name, self.preemption.signal_name)
                 break
