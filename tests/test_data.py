@@ -1,7 +1,6 @@
 """Data: masks, the synthetic corpus, manifests, decoding faults, bucketed distributed batches, collation."""
 
 import importlib.util
-import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -90,34 +89,6 @@ def test_synthetic_corpus_is_deterministic_and_seeded():
     assert np.array_equal(corpus.labels(2), corpus.labels(2))
     assert not np.array_equal(corpus.waveform(2)[:1000], SyntheticCorpus(seed=1).waveform(2)[:1000])
     assert len(PHONES) == 30 and len(set(PHONE_NAMES)) == 30
-
-
-def test_synthetic_sentences_are_words_of_one_lexicon_shared_by_every_seed():
-    train, valid = (
-        SyntheticCorpus(num_utterances=4, num_words=20),
-        SyntheticCorpus(num_utterances=4, num_words=20, seed=1),
-    )
-    lexicon = train.lexicon()
-    assert lexicon == valid.lexicon() and len(lexicon) == 20 and all(2 <= len(w) <= 5 for w in lexicon)
-    words = {tuple(w) for w in lexicon}
-    for corpus in (train, valid):
-        for i in range(4):
-            labels = corpus.labels(i)
-            phones = [int(p) for j, p in enumerate(labels) if j == 0 or labels[j - 1] != p]
-            spoken = [tuple(run) for silent, run in itertools.groupby(phones, key=lambda p: p == 0) if not silent]
-            assert phones[0] == phones[-1] == 0 and spoken
-            *whole, last = spoken  # the end of the utterance may cut its last word short
-            for run in whole:  # words follow each other without a pause four times in five
-                assert _splits_into(run, words), run
-            assert any(w[: len(last)] == last for w in words) or _splits_into(last, words, cut=True)
-
-
-def _splits_into(run: tuple[int, ...], words: set[tuple[int, ...]], cut: bool = False) -> bool:
-    if not run:
-        return True
-    if cut and any(w[: len(run)] == run for w in words):
-        return True
-    return any(run[: len(w)] == w and _splits_into(run[len(w) :], words, cut) for w in words)
 
 
 def test_synthetic_labels_align_with_the_audio():

@@ -53,7 +53,6 @@ class DataConfig:
     # spidr_fast: the synthetic corpus used when no manifest is given
     synthetic_utterances: int = 512
     synthetic_seed: int = 0
-    synthetic_words: int = 0  # SyntheticCorpus.num_words
 
     def __post_init__(self) -> None:
         if self.bucket_method not in ("uniform", "percentile"):
@@ -136,9 +135,7 @@ class SyntheticSource:
 def build_source(cfg: DataConfig) -> AudioSource | SyntheticSource:
     if cfg.manifest:
         return AudioSource(cfg.manifest)
-    return SyntheticSource(
-        SyntheticCorpus(num_utterances=cfg.synthetic_utterances, seed=cfg.synthetic_seed, num_words=cfg.synthetic_words)
-    )
+    return SyntheticSource(SyntheticCorpus(num_utterances=cfg.synthetic_utterances, seed=cfg.synthetic_seed))
 
 
 class Clip(NamedTuple):

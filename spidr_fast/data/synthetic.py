@@ -6,7 +6,6 @@ with random durations and coarticulated formant transitions. 16 kHz audio, one l
 Utterance `i` of a corpus depends only on (seed, i): any worker can make any utterance in any order.
 """
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,18 +94,6 @@ class SyntheticCorpus:
     min_seconds: float = 2.0
     max_seconds: float = 4.0
     seed: int = 0
-    num_words: int = 0  # 0: independent phones; else sentences of this many words, the same for every seed
-
-    def lexicon(self) -> list[list[int]]:
-        """The `num_words` words (2 to 5 phones, no phone twice in a row), one language for every corpus seed so
-        that training and validation corpora share it."""
-        rng = np.random.default_rng([4, self.num_words])
-        words: list[list[int]] = []
-        while len(words) < self.num_words:
-            word = [int(p) for p in rng.integers(1, len(PHONES), int(rng.integers(2, 6)))]
-            if all(a != b for a, b in itertools.pairwise(word)) and word not in words:
-                words.append(word)
-        return words
 
     def speaker(self, index: int) -> Speaker:
         rng = np.random.default_rng([self.seed, 1, index])
@@ -125,21 +112,14 @@ class SyntheticCorpus:
         rng = np.random.default_rng([self.seed, 2, utterance])
         rate = self.speaker(self.speaker_of(utterance)).rate
         target = int(rng.uniform(self.min_seconds, self.max_seconds) * SAMPLE_RATE / LABEL_HOP)
-        lexicon = self.lexicon()
         labels, previous = [], -1
         while len(labels) < target:
-            if not labels:
-                phones = [0]
-            elif lexicon:  # a word, after a pause one time in five
-                phones = ([0] if previous != 0 and rng.random() < 0.2 else []) + lexicon[rng.integers(len(lexicon))]
-            else:
-                phones = [int(rng.integers(1, len(PHONES)))]
-            if phones[0] == previous:
+            phone = 0 if not labels else int(rng.integers(1, len(PHONES)))
+            if phone == previous:
                 continue
-            for phone in phones:
-                frames = max(3, round(rng.gamma(6.0, _MEAN_FRAMES[PHONES[phone].kind] / 6.0) * rate))
-                labels += [phone] * frames
-            previous = phones[-1]
+            frames = max(3, round(rng.gamma(6.0, _MEAN_FRAMES[PHONES[phone].kind] / 6.0) * rate))
+            labels += [phone] * frames
+            previous = phone
         labels = labels[: target - 10] + [0] * 10  # end on silence
         return np.asarray(labels, dtype=np.int64)
 
