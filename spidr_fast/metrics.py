@@ -44,6 +44,14 @@ def unit_quality(counts: np.ndarray) -> dict[str, float]:
     }
 
 
+def position_nmi(units: list[np.ndarray], num_units: int, parts: int = 10) -> float:
+    """How much the units say where their frame sits in its utterance (`parts` equal parts): their mutual
+    information with that part over its entropy, as PNMI is for phones. Near 0 for units that follow the content;
+    high for units that encode the position, a shortcut of masked prediction on short clips."""
+    positions = [np.minimum(np.arange(len(u)) * parts // max(len(u), 1), parts - 1) for u in units]
+    return unit_quality(joint_counts(positions, units, parts, num_units, repeat=1))["pnmi"]
+
+
 def bitrate(counts: np.ndarray, units_per_second: float) -> float:
     """Bits per second of the unit stream of a (phones, units) count matrix: units per second times the entropy
     (bits) of the unit distribution."""
@@ -53,8 +61,9 @@ def bitrate(counts: np.ndarray, units_per_second: float) -> float:
 
 def describe(quality: dict[str, float]) -> str:
     """One line of the `unit_quality` scores that the summaries print."""
+    position = f", position NMI {quality['position_nmi']:.3f}" if "position_nmi" in quality else ""
     return (
         f"PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, cluster purity "
         f"{quality['cluster_purity']:.3f}, unit perplexity {quality['unit_perplexity']:.1f} "
-        f"({quality['active_units']} active)"
+        f"({quality['active_units']} active){position}"
     )

@@ -15,7 +15,7 @@ from helpers import tiny_config
 from spidr_fast import abx, evaluate
 from spidr_fast.data.synthetic import SyntheticCorpus
 from spidr_fast.evaluate import MIN_ABX_CELLS, abx_implementation, format_rate, main
-from spidr_fast.metrics import bitrate, joint_counts, unit_quality
+from spidr_fast.metrics import bitrate, joint_counts, position_nmi, unit_quality
 from spidr_fast.models import build_model
 
 # --- unit quality --------------------------------------------------------------------------------------------------
@@ -37,6 +37,16 @@ def test_independent_units_score_about_zero():
     phones = [rng.integers(0, 4, 200_000)]
     units = [rng.integers(0, 8, 100_000)]
     assert unit_quality(joint_counts(phones, units, 4, 8))["pnmi"] < 1e-3
+
+
+def test_position_nmi_tells_units_that_encode_the_position_from_units_that_follow_the_content():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(80, 200, 40)
+    by_position = [np.arange(n) * 10 // n for n in lengths]  # a unit per tenth of the utterance
+    by_content = [rng.integers(0, 16, n) for n in lengths]
+    assert position_nmi(by_position, 16) == pytest.approx(1.0)
+    assert position_nmi(by_content, 16) < 0.02
+    assert position_nmi([np.zeros(n, dtype=np.int64) for n in lengths], 16) == 0.0
 
 
 def test_hand_computed_counts():

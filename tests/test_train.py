@@ -51,11 +51,15 @@ def test_summary_puts_the_units_beside_the_mfcc_kmeans_baseline_and_plots_the_ru
     for line_start in ("student's head units:", "teacher's codebook units:", "k-means on MFCC:"):
         line = next(line for line in out.splitlines() if line.strip().startswith(line_start))
         assert all(name in line for name in ("PNMI", "phone purity", "cluster purity", "unit perplexity", "active"))
+        assert ("position NMI" in line) == (line_start != "k-means on MFCC:")
     assert "the model's best units are" in out and "the baseline's PNMI" in out
     validation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     size = TINY["codebook_size"]
     assert 0 <= validation["baseline/pnmi"] <= 1 and 1 <= validation["baseline/active_units"] <= size
     assert 0 <= validation["heads/phone_purity"] <= 1 and 0 <= validation["codebooks/cluster_purity"] <= 1
+    assert 0 <= validation["units/codebooks/layer_3/position_nmi"] <= 1
+    shortcut = any(validation[f"{k}/position_nmi"] > validation[f"{k}/pnmi"] for k in ("heads", "codebooks"))
+    assert shortcut == ("took the position shortcut" in out)
     plotted = (tmp_path / "run" / "metrics.png").is_file()
     assert plotted == ("metrics plot:" in out) == (importlib.util.find_spec("matplotlib") is not None)
 

@@ -128,6 +128,13 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
             best_pnmi = max(result[kind]["pnmi"] for kind in ("heads", "codebooks"))
             verdict = "above" if best_pnmi > result["baseline"]["pnmi"] else "not yet above"
             line += f"\n  the model's best units are {verdict} the baseline's PNMI"
+        if any(
+            result[kind]["position_nmi"] > result[kind]["pnmi"] for kind in ("heads", "codebooks") if kind in result
+        ):
+            line += (
+                "\n  the units say more about where a frame sits in its clip than about its phone: masked prediction"
+                "\n  took the position shortcut (README: What the collapse is)"
+            )
         lines.append(line)
     lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")
     if plot:

@@ -16,7 +16,7 @@ from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_loader, build_source
 from spidr_fast.data.masking import MaskingConfig
 from spidr_fast.data.synthetic import PHONES
-from spidr_fast.metrics import joint_counts, unit_quality
+from spidr_fast.metrics import joint_counts, position_nmi, unit_quality
 from spidr_fast.models import DinoSR
 from spidr_fast.models.components import frame_hop, num_frames
 from spidr_fast.preemption import Preemption
@@ -95,7 +95,10 @@ def validate(
                 )
                 units.setdefault(f"codebooks/layer_{first_head + j}", []).append(t[0].cpu().numpy())
         quality = {
-            name: unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size))
+            name: {
+                **unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size)),
+                "position_nmi": position_nmi(u, model.cfg.codebook_size),
+            }
             for name, u in units.items()
         }
         results["units"] = quality
