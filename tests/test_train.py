@@ -364,6 +364,11 @@ def test_profile_writes_a_trace_of_the_scheduled_steps(tmp_path):
     assert len(list((tmp_path / "profile").glob("*.pt.trace.json"))) == 1  # steps 5 to 7
 
 
+def test_a_cosine_run_that_ends_with_its_warm_up_has_a_learning_rate_at_every_step():
+    cfg = config_module.OptimizerConfig(scheduler="cosine", max_steps=30, warmup_steps=30)
+    assert [lr_factor(step, cfg) for step in (0, 29, 30)] == pytest.approx([cfg.init_lr_scale, 0.967, 1.0], abs=1e-3)
+
+
 def test_dropping_the_frozen_group_keeps_the_schedule_at_its_step():
     cfg = tiny_config()
     model = build_model(cfg=cfg.model, model_type=cfg.run.model_type)

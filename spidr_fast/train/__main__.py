@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import traceback
@@ -192,6 +193,11 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
         )
         os._exit(1)  # destroying a process group whose peer is gone can block
     finally:
+        if sys.exc_info()[0] is not None:
+            # The loader's workers ignore SIGTERM (the main process stops them), and exit-time cleanup stops
+            # them with SIGTERM and waits: after an error, stop them here or the process never exits.
+            for worker in multiprocessing.active_children():
+                worker.kill()
         distributed.teardown()
     return 0
 

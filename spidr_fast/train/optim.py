@@ -20,7 +20,7 @@ def lr_factor(step: int, cfg: OptimizerConfig) -> float:
     if cfg.scheduler == "constant":
         return 1.0
     if cfg.scheduler == "cosine":
-        span = cfg.max_steps - cfg.warmup_steps
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)  # a run that ends within its warm-up never decays
         return cfg.final_lr_scale + (1 - cfg.final_lr_scale) * (1 + math.cos(math.pi * after_warmup / span)) / 2
     if after_warmup < cfg.hold_steps:
         return 1.0
