@@ -15,7 +15,7 @@ from helpers import tiny_config
 from spidr_fast import abx, evaluate
 from spidr_fast.data.synthetic import SyntheticCorpus
 from spidr_fast.evaluate import MIN_ABX_CELLS, abx_implementation, format_rate, main
-from spidr_fast.metrics import bitrate, joint_counts, position_nmi, unit_quality
+from spidr_fast.metrics import bitrate, joint_counts, position_nmi, took_position_shortcut, unit_quality
 from spidr_fast.models import build_model
 
 # --- unit quality --------------------------------------------------------------------------------------------------
@@ -47,6 +47,10 @@ def test_position_nmi_tells_units_that_encode_the_position_from_units_that_follo
     assert position_nmi(by_position, 16) == pytest.approx(1.0)
     assert position_nmi(by_content, 16) < 0.02
     assert position_nmi([np.zeros(n, dtype=np.int64) for n in lengths], 16) == 0.0
+    # the flag, on the measured synthetic runs: collapsed, first steps, learning phones
+    assert took_position_shortcut({"pnmi": 0.068, "position_nmi": 0.227})
+    assert not took_position_shortcut({"pnmi": 0.063, "position_nmi": 0.092})
+    assert not took_position_shortcut({"pnmi": 0.170, "position_nmi": 0.048})
 
 
 def test_hand_computed_counts():

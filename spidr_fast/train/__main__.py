@@ -22,7 +22,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds: a si
     STARTUP_PREEMPTION = Preemption().__enter__()
 
 from spidr_fast import distributed  # noqa: E402
-from spidr_fast.metrics import describe  # noqa: E402
+from spidr_fast.metrics import describe, took_position_shortcut  # noqa: E402
 from spidr_fast.plots import plot_training  # noqa: E402
 from spidr_fast.train import checkpoint  # noqa: E402
 from spidr_fast.train import config as config_module  # noqa: E402
@@ -129,9 +129,7 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
             best_pnmi = max(result[kind]["pnmi"] for kind in ("heads", "codebooks"))
             verdict = "above" if best_pnmi > result["baseline"]["pnmi"] else "not yet above"
             line += f"\n  the model's best units are {verdict} the baseline's PNMI"
-        if any(
-            result[kind]["position_nmi"] > result[kind]["pnmi"] for kind in ("heads", "codebooks") if kind in result
-        ):
+        if any(took_position_shortcut(result[kind]) for kind in ("heads", "codebooks") if kind in result):
             line += (
                 "\n  the units say more about where a frame sits in its clip than about its phone: masked prediction"
                 "\n  took the position shortcut (README: What the collapse is)"
