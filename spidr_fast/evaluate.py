@@ -29,7 +29,7 @@ from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_source
 from spidr_fast.data.synthetic import LABEL_HOP, PHONE_NAMES, SAMPLE_RATE
 from spidr_fast.extract import default_device, fileids, head_layers, iterate_outputs, load_model, parse_layers
-from spidr_fast.metrics import MAX_LENGTH_MISMATCH, bitrate, describe, joint_counts, unit_quality
+from spidr_fast.metrics import MAX_LENGTH_MISMATCH, bitrate, describe, joint_counts, position_nmi, unit_quality
 from spidr_fast.models import DinoSR
 from spidr_fast.models.components import frame_hop
 from spidr_fast.plots import pyplot
@@ -191,7 +191,11 @@ def evaluate(
         if layer in units:
             per_file = [units[layer][name].numpy() for name in names]
             counts = joint_counts(phones, per_file, num_phones, model.cfg.codebook_size, repeat)
-            row.update(unit_quality(counts), bitrate=bitrate(counts, frequency))
+            row.update(
+                unit_quality(counts),
+                bitrate=bitrate(counts, frequency),
+                position_nmi=position_nmi(per_file, model.cfg.codebook_size),
+            )
         for speaker, rate in _abx(features[layer], items, frequency, context, implementation).items():
             row[f"abx_{speaker}"] = rate
         if layer in units:

@@ -295,6 +295,7 @@ def test_cli_on_a_manifest_with_alignments(run, tmp_path, capsys, caplog):
     head = report["layers"]["layer_3"]
     assert 0 <= head["pnmi"] <= 1 and 1 <= head["active_units"] <= 17
     assert head["bitrate"] == pytest.approx(50 * math.log2(head["unit_perplexity"]), abs=1e-9)
+    assert 0 <= head["position_nmi"] <= 1 and f"position_nmi {head['position_nmi']:.3f}" in out
     for name in ("abx_within", "abx_across", "abx_units_within", "abx_units_across"):
         assert 0 <= head[name] <= 100
     assert report["abx_min_cells"] == MIN_ABX_CELLS and set(report["abx_cells"]) == {"within", "across"}
