@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -256,6 +258,22 @@ def test_sigterm_checkpoints_and_a_restart_resumes(tmp_path):
     summary = trainer.fit()
     assert summary["preempted"] and 2 <= summary["step"] < 50
     assert Trainer(tiny_config(optimizer={"max_steps": 50}), tmp_path, CPU, progress=False).step == summary["step"]
+
+
+def test_a_run_that_fails_with_loader_workers_exits_instead_of_hanging(tmp_path):
+    # The workers ignore SIGTERM (preemption is the main process's), which exit-time cleanup sends and then waits on.
+    args = tiny_cli_args(tmp_path, "--set=data.num_workers=2")
+    script = (
+        "import sys\n"
+        "from spidr_fast.train import __main__ as cli\n"
+        "class InjectedFailure(Exception): pass\n"
+        "def fail(self, micro_batches, stop):\n"
+        "    raise InjectedFailure('the step failed')\n"
+        "cli.Trainer.train_step = fail\n"
+        f"sys.exit(cli.main({args!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "InjectedFailure: the step failed" in done.stderr
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
