@@ -240,7 +240,7 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
         "codebook_size": 64,
     },
     # 1e-3 leaves the heads on one unit and the codebooks on a plateau on some seeds (README: the measured curves).
-    "optimizer": {"lr": 3e-4, "dtype": "float32", "max_steps": 400, "warmup_steps": 30, "scheduler": "cosine"},
+    "optimizer": {"lr": 3e-4, "dtype": "float32", "max_steps": 300, "warmup_steps": 30, "scheduler": "cosine"},
     "validation": {
         "synthetic": {
             "synthetic_utterances": 64,
