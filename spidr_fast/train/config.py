@@ -207,8 +207,9 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
         "validate_interval": 200,
     },
     # Every clip (2 to 4 s) cropped to 2 s and full batches only: one shape, so --compile compiles once (CPU
-    # inductor specialises convolution lengths, so varying crops would recompile there). Three clips a batch: runs
-    # leave the plateau in as many steps as with seven, at twice the steps per second (README: the measured curves).
+    # inductor specialises convolution lengths, so varying crops would recompile there). Three clips a batch: twice
+    # the steps per second of seven, so runs leave the plateau as soon in wall time and 600 steps fit the 10-minute
+    # CPU budget (README: the measured curves).
     "data": {
         "max_sample_size": 32_000,
         "max_batch_length": 112_000,
