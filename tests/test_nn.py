@@ -1,4 +1,4 @@
-"""The drop-in modules and the README example that puts them into a HuBERT-style model."""
+"""The drop-in modules and the docs/ops.md example that puts them into a HuBERT-style model."""
 
 import re
 from pathlib import Path
@@ -9,14 +9,14 @@ from helpers import tiny
 from spidr_fast import ops
 from spidr_fast.nn import EMACodebooks, FusedHeads
 
-README = Path(__file__).parents[1] / "README.md"
+OPS_DOC = Path(__file__).parents[1] / "docs" / "ops.md"
 
 
-def test_readme_hubert_example_runs():
-    section = README.read_text().split("## Fused ops in other models", 1)[1]
+def test_docs_hubert_example_runs():
+    section = OPS_DOC.read_text().split("## Fused ops in other models", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, str(OPS_DOC), "exec"), namespace)  # noqa: S102 - our own docs
     assert torch.isfinite(namespace["loss"])
     assert namespace["mean_probs"].shape == (2, 32)
 

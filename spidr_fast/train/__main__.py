@@ -132,7 +132,7 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
         if any(took_position_shortcut(result[kind]) for kind in ("heads", "codebooks") if kind in result):
             line += (
                 "\n  the units say more about where a frame sits in its clip than about its phone: masked prediction"
-                "\n  took the position shortcut (README: What the collapse is)"
+                "\n  took the position shortcut (docs/synthetic-runs.md: What the collapse is)"
             )
         lines.append(line)
     lines.append(f"metrics log: {Path(summary['run_dir']) / 'metrics.jsonl'}")

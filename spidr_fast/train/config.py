@@ -209,7 +209,7 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     # Every clip (2 to 4 s) cropped to 2 s and full batches only: one shape, so --compile compiles once (CPU
     # inductor specialises convolution lengths, so varying crops would recompile there). Three clips a batch: twice
     # the steps per second of seven, so runs leave the plateau as soon in wall time and 600 steps fit the 10-minute
-    # CPU budget (README: the measured curves).
+    # CPU budget (docs/synthetic-runs.md).
     "data": {
         "max_sample_size": 32_000,
         "max_batch_length": 112_000,
@@ -234,14 +234,14 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
         "encoder_ff_interm_features": 512,
         # Two 4-tap layers, 7 frames seen: the official 95 at depth 5 (91 frames) on 2 s clips, or 32 at depth 2
         # (31 frames), marks the frames near the clip's edges through its zero padding, and the codebooks then
-        # encode the frame's position instead of its phone (README: What the collapse is).
+        # encode the frame's position instead of its phone (docs/synthetic-runs.md: What the collapse is).
         "encoder_pos_conv_kernel": 8,
         "encoder_pos_conv_groups": 8,
         "encoder_pos_conv_depth": 2,
         "num_codebooks": 4,
         "codebook_size": 64,
     },
-    # 1e-3 leaves the heads on one unit and the codebooks on a plateau on some seeds (README: the measured curves).
+    # 1e-3 leaves the heads on one unit and the codebooks on a plateau on some seeds (docs/synthetic-runs.md).
     "optimizer": {"lr": 3e-4, "dtype": "float32", "max_steps": 600, "warmup_steps": 30, "scheduler": "cosine"},
     "validation": {
         "synthetic": {
