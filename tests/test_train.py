@@ -299,6 +299,42 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert checkpoint.load_latest(tmp_path) == {"step": 1}
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_newest_checkpoint_never_costs_the_good_ones(tmp_path, caplog):
+    """Issue 32's scenario: steps 100 and 200 saved, step 200 truncated, resume (from 100), save 150 with
+    keep_latest=1. Before: pruning kept the damaged 200 and deleted 150 and 100, and the next resume started over."""
+    for step in (100, 200):
+        checkpoint.save_checkpoint(tmp_path, step, {"step": step}, keep_latest=-1)
+    _truncate(tmp_path / "step_00000200.pt")
+    checkpointer = checkpoint.Checkpointer(tmp_path, save_interval=50, keep_latest=1, enabled=True)
+    assert checkpointer.load_latest() == {"step": 100}
+    assert f"checkpoint {tmp_path / 'step_00000200.pt'} is unreadable" in caplog.text
+    assert "renamed to step_00000200.pt.corrupt" in caplog.text
+    checkpointer.save(150, lambda: {"step": 150})
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["step_00000100.pt", "step_00000150.pt", "step_00000200.pt.corrupt"]
+    assert checkpoint.load_latest(tmp_path) == {"step": 150}
+
+
+def test_a_damaged_checkpoint_that_cannot_be_renamed_holds_no_kept_slot(tmp_path, monkeypatch):
+    """A folder where the rename fails, and a rank that does not write: the damaged file stays, but pruning neither
+    counts it nor deletes it, and never deletes the checkpoint resumed from."""
+    for step in (100, 200):
+        checkpoint.save_checkpoint(tmp_path, step, {"step": step}, keep_latest=-1)
+    _truncate(tmp_path / "step_00000200.pt")
+    assert checkpoint.Checkpointer(tmp_path, 50, 1, enabled=False).load_latest() == {"step": 100}
+    assert (tmp_path / "step_00000200.pt").exists()  # only the writing rank sets a file aside
+    monkeypatch.setattr(type(tmp_path), "rename", lambda *_: (_ for _ in ()).throw(PermissionError("read-only")))
+    checkpointer = checkpoint.Checkpointer(tmp_path, save_interval=50, keep_latest=1, enabled=True)
+    assert checkpointer.load_latest() == {"step": 100}
+    checkpointer.save(150, lambda: {"step": 150})
+    checkpointer.save(160, lambda: {"step": 160})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000100.pt", "step_00000160.pt", "step_00000200.pt"]
+
+
 def test_unreadable_audio_is_skipped_and_counted(tmp_path):
     from spidr_fast.data.synthetic import SyntheticCorpus
 

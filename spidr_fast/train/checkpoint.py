@@ -1,7 +1,9 @@
 """Checkpoints that are never lost: written to a temporary file, flushed, then renamed over the target, so a
 failed or killed write leaves the previous checkpoint intact; the latest N are kept. A write that cannot fit or
 fails is an error naming the folder and the space it needs; a partial file left by a killed write is named and
-removed at the next start."""
+removed at the next start; a complete file that does not load (a dying disk, a killed copy) is named and renamed
+aside to `step_N.pt.corrupt`, so that it never holds a kept slot, and the checkpoint resumed from is never
+pruned."""
 
 import dataclasses
 import json
@@ -11,7 +13,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,9 +61,19 @@ def checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_latest: int) -> Path:
-    """Raises CheckpointWriteError, naming the folder and the space needed, before writing when the disk cannot
-    hold the checkpoint, or when the write fails."""
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_latest: int,
+    *,
+    keep: Path | None = None,
+    unreadable: frozenset[Path] = frozenset(),
+) -> Path:
+    """Writes the checkpoint, then deletes all but the latest `keep_latest` (-1: none), never `keep` (the one a
+    run resumed from: the only one known to load) and never an `unreadable` one (it holds no slot; it is left for
+    inspection). Raises CheckpointWriteError, naming the folder and the space needed, before writing when the disk
+    cannot hold the checkpoint, or when the write fails."""
     path = folder / f"step_{step:08d}.pt"
     needed = _tensor_bytes(state) + _MB  # the pickled structure around the tensors is small
     try:
@@ -77,26 +89,51 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep_latest:
             f"The previous checkpoint {'is intact: ' + str(previous[-1]) if previous else 'does not exist'}"
         ) from error
     if keep_latest > 0:
-        for old in checkpoints(folder)[:-keep_latest]:
-            old.unlink(missing_ok=True)
+        for old in [p for p in checkpoints(folder) if p not in unreadable][:-keep_latest]:
+            if old != keep:
+                old.unlink(missing_ok=True)
     return path
 
 
-def load_latest(folder: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; a corrupt one is reported and the one before it is used, and a partial
-    write left by a killed process is named and removed."""
+class Resumed(NamedTuple):
+    """What `find_latest` found: the newest checkpoint that loads (None: none does) and the newer ones that
+    did not."""
+
+    path: Path | None
+    state: dict[str, Any] | None
+    unreadable: frozenset[Path]
+
+
+def find_latest(folder: Path, *, set_aside: bool = True) -> Resumed:
+    """The newest checkpoint that loads. A partial write left by a killed process is named and removed; a newer
+    complete one that does not load is named and, with `set_aside` (only one rank of a run may rename), renamed
+    to `step_N.pt.corrupt`: kept for inspection, out of the way of resuming and pruning."""
     for partial in folder.glob(_PARTIAL):
         logger.warning("removing %s, a checkpoint write that did not complete", partial)
         partial.unlink(missing_ok=True)
+    unreadable = set()
     for path in reversed(checkpoints(folder)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous one
-            logger.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
+            unreadable.add(path)
+            if set_aside:
+                try:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                    logger.warning("checkpoint %s is unreadable (%s): renamed to %s.corrupt", path, error, path.name)
+                except OSError as rename_error:
+                    logger.warning("checkpoint %s is unreadable (%s) and stays (%s)", path, error, rename_error)
+            else:
+                logger.warning("checkpoint %s is unreadable (%s)", path, error)
             continue
         logger.info("resuming from %s", path)
-        return state
-    return None
+        return Resumed(path, state, frozenset(unreadable))
+    return Resumed(None, None, frozenset(unreadable))
+
+
+def load_latest(folder: Path) -> dict[str, Any] | None:
+    """The state of `find_latest`, if any."""
+    return find_latest(folder).state
 
 
 class Checkpointer:
@@ -105,9 +142,13 @@ class Checkpointer:
 
     def __init__(self, folder: Path, save_interval: int, keep_latest: int, enabled: bool) -> None:
         self.folder, self.save_interval, self.keep_latest, self.enabled = folder, save_interval, keep_latest, enabled
+        self.resumed_from: Path | None = None
+        self.unreadable: frozenset[Path] = frozenset()
 
     def load_latest(self) -> dict[str, Any] | None:
-        return load_latest(self.folder)
+        """The newest state that loads; the unreadable ones are set aside by the writing rank only."""
+        self.resumed_from, state, self.unreadable = find_latest(self.folder, set_aside=self.enabled)
+        return state
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, if any."""
@@ -116,7 +157,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Callable[[], dict[str, Any]]) -> Path | None:
         """`state()` gives what to write; the other ranks do not call it."""
-        return save_checkpoint(self.folder, step, state(), self.keep_latest) if self.enabled else None
+        if not self.enabled:
+            return None
+        return save_checkpoint(
+            self.folder, step, state(), self.keep_latest, keep=self.resumed_from, unreadable=self.unreadable
+        )
 
     def save_if_due(self, step: int, state: Callable[[], dict[str, Any]]) -> None:
         if step % self.save_interval == 0:
