@@ -117,6 +117,9 @@ class Row:
     tflop_per_s: float | None = None
     share_of_peak: float | None = None
     note: str = ""
+    error: str = ""  # why this implementation failed: the run, and its device-check stage, fail
+    known_failure: str = ""  # set with `error` when the failure is a known one outside this project (why)
+    peak_memory_gib: float | None = None  # what it allocated at its peak beyond what was allocated before it
 
 
 @dataclass
@@ -159,8 +162,15 @@ class Results:
         bytes_moved: float | None = None,
         flops: float | None = None,
         note: str = "",
+        error: str = "",
+        known_failure: str = "",
+        peak_memory_gib: float | None = None,
     ) -> Row:
-        row = Row(case, shape, impl, ms, note=note)
+        if known_failure and not error:
+            raise ValueError("known_failure explains an error: pass the error too")
+        row = Row(
+            case, shape, impl, ms, note=note, error=error, known_failure=known_failure, peak_memory_gib=peak_memory_gib
+        )
         if ms is not None and bytes_moved is not None:
             row.gb_per_s = bytes_moved / ms / 1e6
             row.share_of_peak = row.gb_per_s / self.peaks.copy_gb_per_s
@@ -172,8 +182,18 @@ class Results:
         self.write(quiet=True)
         return row
 
-    def require_a_measurement(self) -> None:
-        """Exit with an error when nothing was measured: a run of failures must not read as a result."""
+    def failures(self) -> list[Row]:
+        """The rows whose implementation failed, known failures outside this project excepted."""
+        return [row for row in self.rows if row.error and not row.known_failure]
+
+    def finish(self) -> None:
+        """Write the file, then exit with an error when an implementation failed or nothing was measured: one
+        measured row must not make a run of failures read as a result (the errors stay in the file)."""
+        self.write()
+        failed = self.failures()
+        if failed:
+            names = "; ".join(f"{row.case} / {row.impl}: {row.error}" for row in failed)
+            raise SystemExit(f"{self.benchmark}: {len(failed)} implementation(s) failed: {names}")
         if not any(row.ms is not None for row in self.rows):
             raise SystemExit(f"{self.benchmark}: no implementation ran (see the notes in {self.output})")
 
@@ -224,7 +244,9 @@ _HEADER = f"{'case':<26} {'shape':<30} {'impl':<34} {'ms':>9} {'GB/s':>8} {'TFLO
 
 def _format_row(row: Row) -> str:
     fmt = lambda x, spec, width: ("-" if x is None else format(x, spec)).rjust(width)  # noqa: E731
-    note = f"  {row.note}" if row.note else ""
+    note = "".join(f"  {text}" for text in (row.note, row.error and f"FAILED: {row.error}") if text)
+    if row.known_failure:
+        note += f" (known: {row.known_failure})"
     return (
         f"{row.case:<26} {row.shape:<30} {row.impl:<34} {fmt(row.ms, '.3f', 9)} {fmt(row.gb_per_s, '.0f', 8)} "
         f"{fmt(row.tflop_per_s, '.1f', 8)} {fmt(row.share_of_peak, '.0%', 6)}{note}"
@@ -243,7 +265,7 @@ def on_backend(backend: str | None, fn: Callable[[], object], **per_op: str) -> 
 
 
 def try_run(fn: Callable[[], object]) -> str | None:
-    """None when fn() runs, else why not (one line): a backend missing here is a result, not a crash."""
+    """None when fn() runs, else its error (one line), which the caller records as the row's error."""
     try:
         fn()
     except Exception as error:  # noqa: BLE001 - any failure means "this implementation does not run here"
