@@ -7,7 +7,7 @@ on the units (as one-hot vectors), from an item file or one generated from the a
 fastabx (Python >= 3.12) on the same items; each rate with the number of cells it averages, flagged when too few.
 Beside them, the unit quality of k-means on MFCCs with as many units, on the same utterances. Writes results.json
 (which ABX scored, how many items and cells each score rests on, the baseline), the item file used, and
-metrics.png when matplotlib is installed.
+metrics.png when matplotlib is installed, into --out (default: eval_<checkpoint name>/ beside the checkpoint).
 
 With no arguments: the latest checkpoint of the default training run (runs/spidr_fast/synthetic) on the synthetic
 validation utterances of its config extended to 256, with their own labels.

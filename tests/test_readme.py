@@ -1,0 +1,116 @@
+"""The README's commands work and its links resolve: a reader's first five minutes must not hit a dead end.
+
+The cheap commands of its code blocks (`--help`, `python -m spidr_fast.info`) run as written; every `python -m`
+module it names exists; every flag it gives a command is one that command's `--help` lists; every relative link of
+the README and of docs/ reaches a file, and its #anchor a heading there.
+"""
+
+import functools
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
+LINKED_PAGES = [README, ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CHEAP = re.compile(r"--help$|^python -m spidr_fast\.info$")
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """Each command of the ```bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.DOTALL):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = " ".join(shlex.split(command, comments=True))
+            if command:
+                commands.append(command)
+    return commands
+
+
+def module_of(command: str) -> str | None:
+    """The module a `python -m M ...` or `torchrun ... -m M ...` command runs."""
+    words = command.split()
+    if words[0] in ("python", "torchrun") and "-m" in words:
+        return words[words.index("-m") + 1]
+    return None
+
+
+def runnable(module: str) -> bool:
+    """Whether `python -m module` finds something to run: a module, or a package with a __main__."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return False
+    return spec.submodule_search_locations is None or importlib.util.find_spec(f"{module}.__main__") is not None
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(page: Path) -> set[str]:
+    """The anchors of a Markdown page's headings (a `#` comment in a code block is none)."""
+    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    return {slug(heading) for heading in re.findall(r"^#+ (.+)$", prose, re.MULTILINE)}
+
+
+@functools.cache
+def run(command: str) -> subprocess.CompletedProcess:
+    """A README command, `python` being this environment's (each run imports torch: seconds, so once)."""
+    words = [sys.executable, *command.split()[1:]]
+    return subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_the_readme_has_cheap_commands_to_run():
+    # The tests below are only as good as what they find: a change of the block syntax must not empty them.
+    commands = shell_commands(README.read_text())
+    assert sum(bool(CHEAP.search(command)) for command in commands) >= 4
+    assert {"spidr_fast.train", "spidr_fast.evaluate", "spidr_fast.extract"} <= set(map(module_of, commands))
+
+
+@pytest.mark.parametrize("command", [c for c in shell_commands(README.read_text()) if CHEAP.search(c)])
+def test_each_cheap_readme_command_runs(command):
+    done = run(command)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_every_module_the_readme_names_runs():
+    modules = {module.rstrip(".") for module in re.findall(r"python -m ([\w.]+)", README.read_text())}
+    assert "spidr_fast.data.manifest" in modules
+    missing = sorted(module for module in modules if not runnable(module))
+    assert not missing, f"the README names modules that python -m cannot run: {missing}"
+
+
+def test_every_flag_the_readme_gives_a_command_is_in_its_help():
+    unknown = []
+    for command in shell_commands(README.read_text()):
+        module = module_of(command)
+        if module is None or not module.startswith("spidr_fast"):
+            continue
+        listed = run(f"python -m {module} --help").stdout
+        after = command.split(f"-m {module}", 1)[1]  # torchrun's own flags come before it
+        flags = re.findall(r"(?<!\S)(--[\w-]+)", after)
+        unknown += [f"{module} {flag}" for flag in flags if not re.search(rf"{flag}(?![\w-])", listed)]
+    assert not unknown, f"flags the README gives that --help does not list: {unknown}"
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    text = page.read_text()
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and anchor not in headings(linked):
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
