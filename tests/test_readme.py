@@ -63,7 +63,7 @@ def headings(page: Path) -> set[str]:
 def run(command: str) -> subprocess.CompletedProcess:
     """A README command, `python` being this environment's (each run imports torch: seconds, so once)."""
     words = [sys.executable, *command.split()[1:]]
-    return subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(words, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_the_readme_has_cheap_commands_to_run():
@@ -109,8 +109,6 @@ def test_every_relative_link_resolves(page):
             continue
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if not linked.exists():
-            broken.append(target)
-        elif anchor and anchor not in headings(linked):
+        if not linked.exists() or (anchor and anchor not in headings(linked)):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
