@@ -112,3 +112,18 @@ def test_every_relative_link_resolves(page):
         if not linked.exists() or (anchor and anchor not in headings(linked)):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
+
+
+def test_the_first_paragraph_claims_what_the_generated_summary_shows():
+    """The opening's measured state is the latest card's generated headline rows: new results that change them make
+    this fail until the paragraph says what they say."""
+    text = README.read_text()
+    opening = text.split("\n\n")[1]
+    summary = text.split("<!-- perf-summary:start -->", 1)[1].split("<!-- perf-summary:end -->", 1)[0]
+    device, date = re.match(r"\*\*(.+?)\*\*, (\S+) ", summary.strip()).groups()
+    model = device.split()[1]  # NVIDIA H200 → H200
+    assert f"{model} on {date}" in opening, f"the README's opening should name the latest card, {model} on {date}"
+    ratios = re.findall(r"\d+\.\d\d(?:-\d+\.\d\d)?x", opening)
+    assert ratios
+    stale = [ratio for ratio in ratios if f"| {ratio} |" not in summary]
+    assert not stale, f"the README's opening cites {stale}, which the generated headline rows do not show"
