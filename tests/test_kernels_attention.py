@@ -394,9 +394,9 @@ def test_ops_attention_dispatches_padded_inputs_to_the_kernel(emulated_flash, mo
     monkeypatch.setattr(attention_kernel, "_forward_op", _counting(attention_kernel._forward_op, calls))
     q = torch.randn(2, 9, 2, 64, dtype=torch.float16)
     mask = torch.arange(9) < torch.tensor([9, 4])[:, None]
-    out = ops.attention(q, q, q, key_padding_mask=mask)
+    out = ops.attention(q, q, q, valid_frames=mask)
     ops.set_backend("reference")
-    torch.testing.assert_close(out, ops.attention(q, q, q, key_padding_mask=mask), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out, ops.attention(q, q, q, valid_frames=mask), atol=2e-3, rtol=0)
     assert len(calls) == 1
 
 
@@ -451,7 +451,7 @@ def test_unsupported_reason_is_asked_once_per_call(emulated_flash, monkeypatch):
     calls = []
     monkeypatch.setattr(attention_kernel, "unsupported_reason", _counting(attention_kernel.unsupported_reason, calls))
     q = torch.randn(2, 8, 2, 64, dtype=torch.bfloat16)
-    ops.attention(q, q, q, key_padding_mask=torch.ones(2, 8, dtype=torch.bool))
+    ops.attention(q, q, q, valid_frames=torch.ones(2, 8, dtype=torch.bool))
     assert len(calls) == 1
 
 
@@ -484,7 +484,7 @@ def test_fullgraph_compile_traces_the_custom_op(emulated_flash):
     mask = torch.arange(20) < torch.tensor([20, 13])[:, None]
 
     def loss(q, k, v):
-        padded = ops.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+        padded = ops.attention(q, k, v, valid_frames=mask, dropout_p=0.2)
         return padded.float().square().sum() + ops.attention(q, k, v).float().sum()
 
     torch.manual_seed(0)

@@ -8,12 +8,12 @@ from spidr_fast import ops
 from spidr_fast.ops import padding
 
 
-def direct(q, k, v, key_padding_mask=None, scale=None):
+def direct(q, k, v, valid_frames=None, scale=None):
     """(B, T, H, d) float64 softmax(q kᵀ) v with padded keys removed."""
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
     scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if valid_frames is not None:
+        scores = scores.masked_fill(~valid_frames[:, None, None, :], float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
@@ -34,8 +34,29 @@ def test_padded_attention_matches_direct(dtype, scale):
     torch.testing.assert_close(
         ops.attention(q, k, v, softmax_scale=scale).double(), direct(q, k, v, scale=scale), rtol=tol, atol=tol
     )
-    out = ops.attention(q, k, v, key_padding_mask=mask, softmax_scale=scale)
+    out = ops.attention(q, k, v, valid_frames=mask, softmax_scale=scale)
     torch.testing.assert_close(out.double(), direct(q, k, v, mask, scale), rtol=tol, atol=tol)
+
+
+def test_valid_frames_is_the_complement_of_multihead_attention_key_padding_mask():
+    """valid_frames is SDPA's boolean convention (True takes part): nn.MultiheadAttention with key_padding_mask
+    = ~valid_frames (True on padding) computes the same attention."""
+    batch, frames, heads, dim = 2, 7, 2, 8
+    mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True, bias=False).eval()
+    x, valid = torch.randn(batch, frames, dim), ragged_mask([7, 3], frames)
+    qkv = torch.nn.functional.linear(x, mha.in_proj_weight).chunk(3, -1)
+    q, k, v = (t.view(batch, frames, heads, dim // heads) for t in qkv)
+    ours = mha.out_proj(ops.attention(q, k, v, valid_frames=valid).flatten(2))
+    expected, _ = mha(x, x, x, key_padding_mask=~valid, need_weights=False)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_the_old_mask_name_with_the_convention():
+    """The mask was once key_padding_mask with True on real frames, which nn.MultiheadAttention's means the other
+    way round: a caller still using the name gets told, not the wrong attention."""
+    q = torch.randn(2, 5, 2, 4)
+    with pytest.raises(ValueError, match=r"True on padding.*True on real frames.*valid_frames=~key_padding_mask"):
+        ops.attention(q, q, q, key_padding_mask=ragged_mask([5, 3], 5))
 
 
 @pytest.mark.parametrize("lengths", [[1], [5, 1, 13], [1001, 3]])
@@ -43,7 +64,7 @@ def test_packed_attention_equals_padded_on_real_frames(lengths):
     frames = max(lengths)
     q, k, v = random_qkv(len(lengths), frames, 2, 8)
     mask = ragged_mask(lengths, frames)
-    padded_out = ops.attention(q, k, v, key_padding_mask=mask)
+    padded_out = ops.attention(q, k, v, valid_frames=mask)
     packed = [pack(t, mask) for t in (q, k, v)]
     out = ops.attention(*(p.tokens for p in packed), cu_seqlens=packed[0].cu_seqlens, max_seqlen=packed[0].max_seqlen)
     assert out.shape == (sum(lengths), 2, 8)
@@ -82,11 +103,8 @@ def test_pack_unpack_round_trip_and_cu_seqlens():
     [
         (dict(q=torch.randn(2, 5, 2, 4), k=torch.randn(2, 5, 2, 8)), r"k must have shape q's shape = \(2, 5, 2, 4\)"),
         (dict(q=torch.randn(2, 5, 2, 4), v=torch.randn(2, 5, 2, 4).half()), "v must have dtype in \\(float32\\)"),
-        (
-            dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
-            r"key_padding_mask must have shape \(B, T\) = \(2, 5\)",
-        ),
-        (dict(key_padding_mask=torch.ones(2, 5)), "key_padding_mask must have dtype"),
+        (dict(valid_frames=torch.ones(2, 6, dtype=torch.bool)), r"valid_frames must have shape \(B, T\) = \(2, 5\)"),
+        (dict(valid_frames=torch.ones(2, 5)), "valid_frames must have dtype"),
         (dict(max_seqlen=5), "max_seqlen goes with cu_seqlens"),
         (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q must be \\(total_tokens"),
         (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),

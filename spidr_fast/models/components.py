@@ -137,7 +137,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
         batch, frames, dim = x.shape
         q, k, v = self.qkv(x).view(batch, frames, 3, self.num_heads, dim // self.num_heads).unbind(2)
-        out = ops.attention(q, k, v, key_padding_mask=frame_mask, dropout_p=self.dropout if self.training else 0.0)
+        out = ops.attention(q, k, v, valid_frames=frame_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.reshape(batch, frames, dim))
 
 

@@ -1,6 +1,6 @@
 """Non-causal multi-head self-attention, padded or packed (flash-attention's variable-length layout).
 
-    padded: q, k, v (B, T, heads, head_dim), optional key_padding_mask (B, T) bool, True on real frames
+    padded: q, k, v (B, T, heads, head_dim), optional valid_frames (B, T) bool, True on real frames
     packed: q, k, v (total_tokens, heads, head_dim), cu_seqlens (B + 1,) int32, max_seqlen int
 The output has q's layout. `attention` checks every input, the values of cu_seqlens included; the
 implementations below it (the SDPA reference here, the "cuda" one in kernels/attention.py) trust them.
@@ -20,12 +20,13 @@ def _sdpa_padded(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    valid_frames: torch.Tensor | None,
     dropout_p: float,
     softmax_scale: float | None,
 ) -> torch.Tensor:
-    # No mask at all when nothing is padded: any dense mask keeps SDPA off its flash backend.
-    attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    # No mask at all when nothing is padded: any dense mask keeps SDPA off its flash backend. SDPA's boolean
+    # attn_mask is True where attention is allowed, valid_frames' convention.
+    attn_mask = None if valid_frames is None else valid_frames[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -42,14 +43,14 @@ def _attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    valid_frames: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
     dropout_p: float,
     softmax_scale: float | None,
 ) -> torch.Tensor:
     if cu_seqlens is None:
-        return _sdpa_padded(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+        return _sdpa_padded(q, k, v, valid_frames, dropout_p, softmax_scale)
     batch = cu_seqlens.shape[0] - 1
     token_index = padding.token_index_from_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
     q, k, v = (padding.unpack(t, token_index, batch, max_seqlen) for t in (q, k, v))
@@ -78,28 +79,37 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    key_padding_mask: torch.Tensor | None = None,
+    valid_frames: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
+    key_padding_mask: None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · softmax_scale) v per head, over the real frames of each sequence.
 
     Args:
         q, k, v: (B, T, heads, head_dim) padded, or (total_tokens, heads, head_dim) packed; same shape and dtype.
-        key_padding_mask: padded only, (B, T) bool, True on real frames; None when nothing is padded.
+        valid_frames: padded only, (B, T) bool, True on real frames (SDPA's boolean attn_mask convention, the
+            opposite of nn.MultiheadAttention's key_padding_mask); None when nothing is padded.
         cu_seqlens, max_seqlen: packed only, (B + 1,) int32 cumulative lengths from 0, and the longest length.
         dropout_p: probability of dropping an attention weight (pass 0 in evaluation).
         softmax_scale: defaults to head_dim ** -0.5.
+        key_padding_mask: not taken, an error: this mask was once passed under that name with True on real frames,
+            which nn.MultiheadAttention's key_padding_mask means the other way round.
     Returns:
         q's shape: (B, T, heads, head_dim) or (total_tokens, heads, head_dim).
     """
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask is not taken: in nn.MultiheadAttention it is True on padding, and ops.attention's mask "
+            "is True on real frames. Pass valid_frames (True on real frames), e.g. valid_frames=~key_padding_mask"
+        )
     check_tensor("q", q, dtypes=FLOAT_DTYPES)
     for name, tensor in (("k", k), ("v", v)):
         check_tensor(name, tensor, dtypes=(q.dtype,))
         check_shape(name, tensor, q.shape, meaning="q's shape")
-    check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    check_same_device(q=q, k=k, v=v, valid_frames=valid_frames, cu_seqlens=cu_seqlens)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
@@ -109,14 +119,14 @@ def attention(
             raise ValueError(f"q must be (B, T, heads, head_dim) without cu_seqlens, got shape {tuple(q.shape)}")
         if max_seqlen is not None:
             raise ValueError("max_seqlen goes with cu_seqlens (packed inputs); it was given without")
-        if key_padding_mask is not None:
-            check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
-            check_shape("key_padding_mask", key_padding_mask, q.shape[:2], meaning="(B, T)")
+        if valid_frames is not None:
+            check_tensor("valid_frames", valid_frames, dtypes=(torch.bool,))
+            check_shape("valid_frames", valid_frames, q.shape[:2], meaning="(B, T)")
     else:
         if q.dim() != 3:
             raise ValueError(f"q must be (total_tokens, heads, head_dim) with cu_seqlens, got shape {tuple(q.shape)}")
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask goes with padded inputs; packed inputs take cu_seqlens only")
+        if valid_frames is not None:
+            raise ValueError("valid_frames goes with padded inputs; packed inputs take cu_seqlens only")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
         if cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens must have B + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
@@ -126,5 +136,5 @@ def attention(
         if not torch.compiler.is_compiling():
             _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     return implementation("attention", q.device)(
-        q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale
+        q, k, v, valid_frames, cu_seqlens, max_seqlen, dropout_p, softmax_scale
     )

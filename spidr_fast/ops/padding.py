@@ -1,6 +1,6 @@
 """Between the padded layout and flash-attention's variable-length (packed) one, for the reference attention.
 
-padded  (B, T, ...)            with key_padding_mask (B, T), True on real frames
+padded  (B, T, ...)            with valid_frames (B, T), True on real frames
 packed  (total_tokens, ...)    with cu_seqlens (B + 1,) int32: sequence b is packed[cu_seqlens[b]:cu_seqlens[b+1]]
 """
 
