@@ -455,10 +455,13 @@ def test_unsupported_reason_is_asked_once_per_call(emulated_flash, monkeypatch):
     assert len(calls) == 1
 
 
-def test_unsupported_inputs_fall_back_to_sdpa(emulated_flash):
+def test_unsupported_inputs_fall_back_to_sdpa_unless_cuda_is_forced(emulated_flash):
     q, k, v = (torch.randn(2, 9, 2, 48) for _ in "qkv")  # float32, head_dim 48: not the kernels'
     assert attention_kernel.unsupported_reason(q) is not None
-    out = ops.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="'cuda' backend is forced but cannot run these inputs: dtype"):
+        ops.attention(q, k, v)  # a benchmark row "+ our flash-attention" must never time SDPA
+    ops.set_backend(None)  # chosen by default (a CUDA device's dispatch), the backend hands them to SDPA
+    out = attention_kernel._attention_flash(q, k, v, None, None, None, 0.0, None)
     ops.set_backend("reference")
     torch.testing.assert_close(out, ops.attention(q, k, v))
 
@@ -527,6 +530,7 @@ def _counting(fn, calls):
     return wrapper
 
 
+@pytest.mark.gpu  # the device check's GPU stage selects -m gpu: it must run there (it runs here too, given nvcc)
 @pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_csrc_compiles_for_sm90_without_spills():
     """nvcc builds every kernel for sm_90 (about 20 s here). ptxas reports no spill for head dim 64 (SpidR's);

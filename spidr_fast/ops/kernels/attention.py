@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 from spidr_fast.ops._checks import check_same_device, check_shape, check_tensor
-from spidr_fast.ops._dispatch import reference, register
+from spidr_fast.ops._dispatch import forced_backend, reference, register
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -225,8 +225,12 @@ def flash_attention_padded(
 
 @register("attention", "cuda")
 def _attention_flash(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale):  # noqa: ANN001, ANN202
-    """The extension where it supports the inputs (see `unsupported_reason`), the SDPA reference elsewhere."""
-    if unsupported_reason(q) is not None:
+    """The extension where it supports the inputs (see `unsupported_reason`), the SDPA reference elsewhere; where
+    "cuda" was forced, unsupported inputs raise instead: a forced backend never hands its work to another."""
+    reason = unsupported_reason(q)
+    if reason is not None:
+        if forced_backend("attention") == "cuda":
+            raise RuntimeError(f"attention: the 'cuda' backend is forced but cannot run these inputs: {reason}")
         return reference("attention")(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale)
     if cu_seqlens is not None:
