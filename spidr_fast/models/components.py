@@ -18,7 +18,8 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class ConvLayerBlock(nn.Module):
-    """Conv1d → optional norm → GELU."""
+    """The parameters of one extractor layer, Conv1d → optional norm → GELU, under the official names; the layers
+    run together in `ops.feature_extractor`."""
 
     def __init__(
         self,
@@ -34,12 +35,6 @@ class ConvLayerBlock(nn.Module):
         self.layer_norm = layer_norm
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, bias=bias)
         nn.init.kaiming_normal_(self.conv.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        return F.gelu(x)
 
 
 class FeatureExtractor(nn.Module):
@@ -63,12 +58,23 @@ class FeatureExtractor(nn.Module):
                 )
             )
             in_channels = out_channels
+        self.mode = cfg.extractor_mode
+        self.strides = [stride for _, _, stride in cfg.extractor_conv_layer_config]
 
     def forward(self, waveforms: Tensor) -> Tensor:
-        x = waveforms.unsqueeze(1)
-        for layer in self.conv_layers:
-            x = layer(x)
-        return x.transpose(1, 2)
+        """The official layers through `ops.feature_extractor`, which runs them channels-last and fused on a GPU."""
+        layers = self.conv_layers
+        norms = [layer.layer_norm for layer in layers]
+        return ops.feature_extractor(
+            waveforms,
+            [layer.conv.weight for layer in layers],
+            [layer.conv.bias for layer in layers],
+            [None if norm is None else norm.weight for norm in norms],
+            [None if norm is None else norm.bias for norm in norms],
+            self.strides,
+            mode=self.mode,
+            eps=next((norm.eps for norm in norms if norm is not None), 1e-5),
+        )
 
 
 def num_frames(cfg: DinoSRConfig, num_samples: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spidr_fast.ops.kernels import codebook, heads_cross_entropy
+from spidr_fast.ops.kernels import codebook, feature_extractor, heads_cross_entropy
 
 # SpidR base: 8 codebooks of 256 codewords over 768 channels; ~12k frames per batch (16 × 750), bf16 teacher layers.
 NUM_LAYERS, NUM_CODEWORDS, DIM, FRAMES = 8, 256, 768, 12_000
@@ -44,7 +44,7 @@ def _signature(kernel: triton.JITFunction, pointers: dict[str, torch.dtype], flo
 
 def _split(config: dict) -> tuple[dict, dict]:
     """A launcher's config → (constexprs, compile options)."""
-    options = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
+    options = {key: config.pop(key) for key in ("num_warps", "num_stages", "debug", "sanitize_overflow") if key in config}
     return config, options
 
 
@@ -52,19 +52,26 @@ def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]
     """(name, kernel, signature, constexprs, options) of each kernel as the launchers call it at SpidR shapes."""
     bf16, fp32, i64 = torch.bfloat16, torch.float32, torch.int64
     rows = dict(x_ptr=bf16, index_ptr=i64, mean_ptr=fp32, rstd_ptr=fp32)
-    stats = dict(codebook_ptr=fp32, counts_ptr=fp32, labels_ptr=i64, batch_counts_ptr=fp32, batch_sums_ptr=fp32)
+    stats = dict(labels_ptr=i64, batch_counts_ptr=fp32, batch_sums_ptr=fp32)
+    centroids = dict(codebook_ptr=fp32, counts_ptr=fp32, centroid_hi_ptr=fp32, centroid_lo_ptr=fp32, norms_ptr=fp32)
 
     config, options = _split(codebook.stats_config(DIM))
     kernel = codebook._instance_norm_stats_kernel
     signature = _signature(kernel, dict(x_ptr=bf16, lengths_ptr=i64, mean_ptr=fp32, rstd_ptr=fp32), ("eps",))
     yield "instance_norm_stats", kernel, signature, dict(HAS_LENGTHS=True, **config), options
 
-    config, options = _split(codebook.assign_config(NUM_CODEWORDS, DIM))
+    config, options = _split(codebook.centroids_config(DIM))
+    kernel = codebook._centroids_kernel
+    yield "codebook_centroids", kernel, _signature(kernel, centroids), config, options
+
     kernel = codebook._assign_kernel
     flags = dict(GATHER=True, NORMALIZE=True, ATOMIC_STATS=True)
-    for metric in ("l2", "cosine"):
-        constexprs = dict(COSINE=metric == "cosine", **flags, **config)
-        yield f"codebook_assign[{metric}]", kernel, _signature(kernel, rows | stats), constexprs, options
+    for i, config in enumerate(codebook.assign_configs(NUM_CODEWORDS, DIM)):  # each one autotune may pick
+        config, options = _split(config)
+        for metric in ("l2", "cosine") if i == 0 else ("l2",):
+            constexprs = dict(COSINE=metric == "cosine", **flags, **config)
+            name = f"codebook_assign[{metric}]" if i == 0 else f"codebook_assign[l2,config {i}]"
+            yield name, kernel, _signature(kernel, rows | centroids | stats), constexprs, options
 
     config, options = _split(codebook.statistics_config(NUM_CODEWORDS, DIM))
     kernel = codebook._statistics_kernel
@@ -90,6 +97,36 @@ def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]
         signature = _signature(kernel, pointers, ("scale", "inv_layers"))
         yield f"heads_grad_logits[{name}]", kernel, signature, dict(HAS_BIAS=True, **config), options
 
+    yield from _feature_extractor_specs()
+
+
+def _feature_extractor_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]:
+    """The extractor's kernels as its bf16 layers call them: K = 10 (layer 1), 1536 (k 3 × 512), C = 512, with the
+    arguments that are multiples of 16 there marked so (as a launch specialises them)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    gemm = dict(x_ptr=bf16, w_ptr=bf16, bias_ptr=bf16, pre_ptr=bf16, grad_pre_ptr=bf16, grad_x_ptr=bf16)
+    kernel = feature_extractor._conv_forward_kernel
+    for reduction in (10, 1536):
+        config, options = _split(feature_extractor._gemm_config(bf16, reduction))
+        config["DOT_UPCAST"] = False  # what a GPU runs
+        aligned = (*gemm, "out_channels") + (("row_step", "reduction") if reduction % 16 == 0 else ())
+        options["divisible_by_16"] = aligned
+        constexprs = dict(HAS_BIAS=False, **config)
+        yield f"extractor_conv[K={reduction}]", kernel, _signature(kernel, gemm), constexprs, options
+    config, options = _split(feature_extractor._gemm_config(bf16, 512))
+    config["DOT_UPCAST"] = False
+    options["divisible_by_16"] = (*gemm, "out_channels", "frame_width", "reduction")
+    kernel = feature_extractor._conv_input_grad_kernel
+    yield "extractor_conv_input_grad", kernel, _signature(kernel, gemm), dict(NUM_GROUPS=2, **config), options
+    norm = dict(pre_ptr=bf16, norm_w_ptr=fp32, norm_b_ptr=fp32, y_ptr=bf16, grad_y_ptr=bf16, grad_pre_ptr=bf16,
+                partials_ptr=fp32)  # fmt: skip
+    flags = dict(HAS_NORM=True, HAS_NORM_BIAS=True)
+    for name, kernel in (("extractor_norm_gelu", feature_extractor._norm_gelu_forward_kernel),
+                         ("extractor_norm_gelu_backward", feature_extractor._norm_gelu_backward_kernel)):  # fmt: skip
+        config, options = _split(feature_extractor._norm_config(512))
+        options["divisible_by_16"] = (*norm, "channels")
+        yield name, kernel, _signature(kernel, norm, ("eps",)), dict(**flags, **config), options
+
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, stack bytes per thread) from `cuobjdump --dump-resource-usage`; with the ABI that
@@ -109,7 +146,11 @@ def compile_all() -> list[dict]:
     report = []
     for target_name, target in TARGETS.items():
         for name, kernel, signature, constexprs, options in kernel_specs():
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            # What a launch specialises on: arguments that are multiples of 16 (aligned pointers, channel counts)
+            # let the loads vectorise and the loops pipeline, which changes registers and shared memory.
+            aligned = options.pop("divisible_by_16", ())
+            attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in aligned}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=target, options=options)
             registers, spills = _resource_usage(compiled.asm["cubin"])
             report.append(
