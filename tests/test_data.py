@@ -217,6 +217,37 @@ def test_ranks_get_the_same_number_of_distinct_batches_and_resume_skips():
     )
 
 
+def test_fewer_batches_than_ranks_is_an_error_on_every_rank_naming_the_numbers():
+    """Before: 2 batches for 4 ranks gave ranks 2 and 3 none, so they raised while ranks 0 and 1 waited for them."""
+    lengths = [20_000] * 4
+    cfg = DataConfig(max_sample_size=32_000, max_batch_length=40_000, num_buckets=1)
+    for rank in range(4):
+        with pytest.raises(ValueError, match=r"^2 batch\(es\) of at most data.max_batch_length = 40000 samples fro"):
+            BucketBatchSampler(lengths, cfg, rank=rank, world_size=4)
+    assert len(BucketBatchSampler(lengths, cfg, rank=1, world_size=2)) == 1
+
+
+def test_the_length_of_an_epoch_does_not_reshuffle_it(monkeypatch):
+    sampler = BucketBatchSampler([20_000] * 23, DataConfig(max_sample_size=32_000, max_batch_length=40_000))
+    batches = [[clip.index for clip in batch] for batch in sampler]
+    draws = []
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or torch.arange(a[0]))
+    assert len(sampler) == len(batches) and [[clip.index for clip in batch] for batch in sampler] == batches
+    assert not draws
+    sampler.set_epoch(1)
+    assert len(sampler) == len(batches) and draws  # a new epoch is shuffled once
+
+
+def test_batch_seeds_are_an_explicit_mix_not_pythons_hash():
+    """The seeds of (random_seed, epoch, rank, position) are NumPy SeedSequence's, fixed across Python versions:
+    a run resumed under another Python sees the same crops and masks."""
+    cfg = DataConfig(random_seed=3, max_sample_size=32_000, max_batch_length=40_000)
+    sampler = BucketBatchSampler([20_000] * 8, cfg, rank=1, world_size=2)
+    sampler.set_epoch(2)
+    expected = int(np.random.SeedSequence([3, 2, 1, 5]).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF
+    assert sampler.batch_seed(5) == expected == 127489236486768
+
+
 def whole_file_batch(source, indices, seed, cfg, masking, frames_of):
     """The pipeline before crops were planned, as an oracle: decode whole files, normalise, crop in the collator."""
     generator = torch.Generator().manual_seed(seed)

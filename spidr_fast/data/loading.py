@@ -263,7 +263,8 @@ class BucketBatchSampler(Sampler[list[Clip]]):
     """Batches of utterances of similar length whose total length (capped at max_sample_size) fits
     max_batch_length; shuffled per epoch; each rank takes every world_size-th batch, padded so all ranks
     get the same count. `start` skips the batches a resumed run has already trained on. Each batch comes with
-    its crops planned (`plan_crops`)."""
+    its crops planned (`plan_crops`). Fewer batches than ranks is an error on every rank (each computes the same
+    count), not a run where some ranks get none and the others wait for them."""
 
     def __init__(self, lengths: list[int], cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
@@ -284,11 +285,24 @@ class BucketBatchSampler(Sampler[list[Clip]]):
             self.buckets.setdefault(bucket, []).append(index)
         self.epoch = 0
         self.start = 0
+        self._shuffled: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): shuffled once an epoch
+        if len(self._shuffle()) < world_size:
+            raise ValueError(
+                f"{len(self._shuffle())} batch(es) of at most data.max_batch_length = {cfg.max_batch_length} "
+                f"samples from {len(kept)} utterance(s) for {world_size} ranks: every rank needs at least one. "
+                "Lower data.max_batch_length, add data or use fewer ranks"
+            )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _epoch_batches(self) -> list[list[int]]:
+    def _shuffle(self) -> list[list[int]]:
+        """This epoch's batches in their shuffled order, before sharding; computed once an epoch."""
+        if self._shuffled is None or self._shuffled[0] != self.epoch:
+            self._shuffled = self.epoch, self._draw_batches()
+        return self._shuffled[1]
+
+    def _draw_batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.cfg.random_seed + self.epoch)
         batches, batch, total = [], [], 0
         for indices in self.buckets.values():
@@ -301,7 +315,12 @@ class BucketBatchSampler(Sampler[list[Clip]]):
                 total += self.lengths[index]
         if batch:
             batches.append(batch)
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def _epoch_batches(self) -> list[list[int]]:
+        """This epoch's batches, trimmed (drop_last) or padded by repeating the first ones to a multiple of the
+        number of ranks."""
+        batches = self._shuffle()
         if self.cfg.drop_last:
             return batches[: len(batches) - len(batches) % self.world_size]
         return batches + batches[: -len(batches) % self.world_size]
@@ -310,8 +329,11 @@ class BucketBatchSampler(Sampler[list[Clip]]):
         return len(self._epoch_batches()) // self.world_size
 
     def batch_seed(self, position: int) -> int:
-        """The seed of this rank's batch at `position` in the epoch: its crops and masks come from it."""
-        return hash((self.cfg.random_seed, self.epoch, self.rank, position)) & 0x7FFF_FFFF_FFFF
+        """The seed of this rank's batch at `position` in the epoch: its crops and masks come from it. An explicit
+        mix (NumPy's SeedSequence), not Python's hash(), whose values a Python version may change: a run resumed
+        under another Python sees the same batches."""
+        entropy = [self.cfg.random_seed % 2**64, self.epoch, self.rank, position]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF
 
     def __iter__(self) -> Iterator[list[Clip]]:
         mine = self._epoch_batches()[self.rank :: self.world_size]
