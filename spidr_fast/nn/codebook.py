@@ -5,11 +5,21 @@ Each layer keeps the official buffers `{i}.codebook` (K, D) and `{i}.counts` (K,
 but they are views into one (L, K, D) and one (L, K) tensor, which the fused ops read and update in place.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spidr_fast import ops
+
+
+def keep_float32(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
+    """`fn` from `nn.Module._apply` (.to(), .cuda(), .half(), ...) applied to a float32 state tensor, except for a
+    dtype change: the device move alone. The ops read float32 codebooks, and EMA sums in 16 bits lose the small
+    (1 - decay) updates."""
+    moved = fn(tensor)
+    return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
 
 
 class Codebook(nn.Module):
@@ -25,29 +35,34 @@ class Codebook(nn.Module):
 class EMACodebooks(nn.ModuleList):
     """L codebooks of K codewords of dimension D, each the running sum `codebook` over running `counts`.
 
-    `metric`: "l2" (official: nearest centroid codebook / counts) or "cosine" (most similar centroid).
+    `metric`: "l2" (official: nearest centroid codebook / counts) or "cosine" (most similar centroid). The buffers
+    stay float32 when the model is cast (`.half()`, `.bfloat16()`); `.to(device)` moves them.
     """
 
     def __init__(self, num_codebooks: int, codebook_size: int, dim: int, decay: float, metric: str = "l2") -> None:
+        if metric not in ops.METRICS:
+            raise ValueError(f"metric must be one of {ops.METRICS}, got {metric!r}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
         # Official initialisation: Gaussian codewords normalised per dimension across codewords, counts of one.
         init = [F.instance_norm(torch.randn(1, dim, codebook_size)).squeeze(0).t() for _ in range(num_codebooks)]
         super().__init__(Codebook(c.contiguous(), torch.ones(codebook_size)) for c in init)
         self.decay = decay
         self.metric = metric
-        self._tie()
+        self._restack()
         self.register_load_state_dict_post_hook(_retie_after_load)
 
-    def _tie(self) -> None:
-        """Make the per-layer buffers views into the stacked tensors (again, after `.to()` or a load)."""
-        self.stacked_codebook = torch.stack([c.codebook for c in self])
-        self.stacked_counts = torch.stack([c.counts for c in self])
-        for i, codebook in enumerate(self):
-            codebook.codebook = self.stacked_codebook[i]
-            codebook.counts = self.stacked_counts[i]
+    def _restack(self) -> None:
+        """Stack the per-layer buffers (at construction, after a load) and make them views into the stack."""
+        self._tie(torch.stack([c.codebook for c in self]), torch.stack([c.counts for c in self]))
+
+    def _tie(self, codebook: Tensor, counts: Tensor) -> None:
+        self.stacked_codebook, self.stacked_counts = codebook, counts
+        for i, layer in enumerate(self):
+            layer.codebook, layer.counts = codebook[i], counts[i]
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        super()._apply(fn, recurse)
-        self._tie()
+        self._tie(keep_float32(fn, self.stacked_codebook), keep_float32(fn, self.stacked_counts))
         return self
 
     def assign_layers(
@@ -66,4 +81,4 @@ class EMACodebooks(nn.ModuleList):
 
 def _retie_after_load(module: EMACodebooks, _incompatible_keys: object) -> None:
     # A plain load copies into the views; `load_state_dict(assign=True)` replaces them, hence the re-tie.
-    module._tie()
+    module._restack()

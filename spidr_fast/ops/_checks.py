@@ -32,3 +32,25 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     for name, tensor in named[1:]:
         if tensor.device != first.device:
             raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
+
+
+INDEX_DTYPES = (torch.int64, torch.int32)  # what index_select and the kernels' index loads accept
+
+
+def check_values_in_range(
+    name: str, tensor: torch.Tensor, high: int, *, meaning: str, ignore_index: int | None = None
+) -> None:
+    """Every value in [0, high), or equal to ignore_index: read on the host, for CPU tensors only.
+
+    A CUDA tensor is not read here (that would cost the step a host sync): the kernel that reads the values checks
+    them on the device instead. Left out while torch.compile traces, where a data-dependent branch breaks the graph.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or torch.compiler.is_compiling():
+        return
+    valid = (tensor >= 0) & (tensor < high)
+    if ignore_index is not None:
+        valid |= tensor == ignore_index
+    if not bool(valid.all()):
+        position = tuple(int(i) for i in (~valid).nonzero()[0])
+        allowed = f"[0, {high})" if ignore_index is None else f"[0, {high}) or ignore_index = {ignore_index}"
+        raise ValueError(f"{name} must be in {allowed} ({meaning}), got {int(tensor[position])} at {position}")

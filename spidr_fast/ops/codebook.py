@@ -3,7 +3,8 @@
 All ops work on the L codebooks of a model at once. Shapes:
     x              (L, N, D)  rows to assign, N frames per layer
     codebook       (L, K, D)  float32 running sums of the rows assigned to each codeword
-    counts         (L, K)     float32 running counts; the centroid of codeword k is codebook[k] / counts[k]
+    counts         (L, K)     float32 running counts; the centroid of codeword k is codebook[k] / counts[k], and a
+                              codeword whose count is 0 has none: it is never assigned (an empty cluster)
     labels         (L, N)     int64
     batch_counts   (L, K)     float32 rows assigned to each codeword in this batch
     batch_sums     (L, K, D)  float32 sum of the rows assigned to each codeword in this batch
@@ -19,7 +20,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from spidr_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from spidr_fast.ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    check_values_in_range,
+)
 from spidr_fast.ops._dispatch import custom_op, register
 
 Metric = Literal["l2", "cosine"]
@@ -60,14 +68,20 @@ def instance_norm_select(layers: torch.Tensor, frame_index: torch.Tensor) -> tor
     Args:
         layers: (L, B, T, D) teacher layer outputs, any float dtype. As in the official model, the statistics
             run over all T frames, padding included.
-        frame_index: (N,) int64 indices into the B * T frames, e.g. `masked_frame_index(mask_indices, T)`.
+        frame_index: (N,) int64 or int32 indices into the B * T frames, e.g. `masked_frame_index(mask_indices, T)`.
     Returns:
         (L, N, D) float32.
     """
     check_tensor("layers", layers, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("frame_index", frame_index, ndim=1, dtypes=(torch.int64,))
+    _check_frame_index(frame_index, layers)
     check_same_device(layers=layers, frame_index=frame_index)
     return _instance_norm_select_op(layers, frame_index)
+
+
+def _check_frame_index(frame_index: torch.Tensor, layers: torch.Tensor) -> None:
+    check_tensor("frame_index", frame_index, ndim=1, dtypes=INDEX_DTYPES)
+    frames = layers.shape[1] * layers.shape[2]
+    check_values_in_range("frame_index", frame_index, frames, meaning=f"B * T = {frames} frames of layers")
 
 
 # --- assignment ----------------------------------------------------------------------------------------------------
@@ -96,12 +110,14 @@ def _codebook_assign_reference(
         labels = torch.empty(rows.shape[:2], dtype=torch.int64, device=x.device)
         # One matmul per layer, the official `addmm` form, so labels match the official ones bit for bit.
         for layer in range(num_layers):
+            empty = counts[layer] == 0  # no centroid: never assigned
             if metric == "l2":
                 distances = torch.addmm(centroids[layer].square().sum(1), rows[layer], centroids[layer].t(), alpha=-2)
-                labels[layer] = distances.argmin(1)  # argmin returns the first minimum: ties go to the lowest index
+                # argmin returns the first minimum: ties go to the lowest index
+                labels[layer] = distances.masked_fill_(empty, float("inf")).argmin(1)
             else:
                 similarity = F.normalize(rows[layer], dim=-1) @ F.normalize(centroids[layer], dim=-1).t()
-                labels[layer] = similarity.argmax(1)
+                labels[layer] = similarity.masked_fill_(empty, float("-inf")).argmax(1)
         flat = statistics_buffer(num_layers, num_codewords, dim, x.device)
         batch_counts, batch_sums = codebook_statistics(flat, num_layers, num_codewords)
         batch_counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
@@ -146,7 +162,8 @@ def codebook_assign(
 
     Args:
         x: (L, N, D) float32, bfloat16 or float16; computed in float32 with autocast off.
-        codebook: (L, K, D) float32 running sums; counts: (L, K) float32 running counts.
+        codebook: (L, K, D) float32 running sums; counts: (L, K) float32 running counts, >= 0. A codeword whose count
+            is 0 is never assigned (no rows, no centroid), as an empty cluster in k-means.
         metric: "l2" (official: smallest Euclidean distance to centroid = codebook / counts) or "cosine"
             (largest cosine similarity to the centroid). Ties go to the lowest index.
         deterministic: sum the statistics in a fixed order (the fused kernel's slower mode) instead of with atomic
@@ -204,16 +221,17 @@ def instance_norm_assign(
 
     Args:
         layers: (L, B, T, D) teacher layer outputs, float32, bfloat16 or float16.
-        frame_index: (N,) int64 indices into the B * T frames.
+        frame_index: (N,) int64 or int32 indices into the B * T frames.
         codebook, counts, metric, deterministic: as `codebook_assign`.
-        lengths: (B,) int64 valid frames per utterance: the statistics then run over the first lengths[b] frames
-            only. None (the official behaviour) uses all T frames, padding included.
+        lengths: (B,) int64 or int32 valid frames per utterance, at most T: the statistics then run over the first
+            lengths[b] frames only. None (the official behaviour) uses all T frames, padding included.
+    Index values (frame_index, lengths) are checked on CPU tensors; on CUDA the kernel that reads them does.
     Returns:
         labels (L, N) int64, batch_counts (L, K) float32, batch_sums (L, K, D) float32, as `codebook_assign`.
     """
     deterministic = _check_metric(metric, deterministic)
     check_tensor("layers", layers, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("frame_index", frame_index, ndim=1, dtypes=(torch.int64,))
+    _check_frame_index(frame_index, layers)
     num_layers, num_codewords, dim = _check_codebooks(codebook, counts)
     if layers.shape[0] != num_layers or layers.shape[3] != dim:
         raise ValueError(
@@ -221,8 +239,10 @@ def instance_norm_assign(
             f"{tuple(codebook.shape)}, got {tuple(layers.shape)}"
         )
     if lengths is not None:
-        check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,))
+        check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES)
         check_shape("lengths", lengths, layers.shape[1:2], meaning="(B,)")
+        frames = layers.shape[2]
+        check_values_in_range("lengths", lengths, frames + 1, meaning=f"at most T = {frames} frames of layers")
     check_same_device(layers=layers, frame_index=frame_index, codebook=codebook, counts=counts, lengths=lengths)
     labels, flat = _instance_norm_assign_op(layers, frame_index, codebook, counts, lengths, metric, deterministic)
     return labels, *codebook_statistics(flat, num_layers, num_codewords)
@@ -253,7 +273,8 @@ def codebook_ema_update_(
         counts   = decay * counts   + (1 - decay) * batch_counts
         codebook = decay * codebook + (1 - decay) * batch_sums
 
-    The batch statistics must already be summed over ranks in a distributed run. decay >= 1 changes nothing.
+    The batch statistics must already be summed over ranks in a distributed run. decay is in [0, 1]; 1 changes
+    nothing.
     """
     num_layers, num_codewords, dim = _check_codebooks(codebook, counts)
     check_tensor("batch_counts", batch_counts, dtypes=(torch.float32,))
@@ -261,8 +282,8 @@ def codebook_ema_update_(
     check_shape("batch_counts", batch_counts, (num_layers, num_codewords), meaning="(L, K)")
     check_shape("batch_sums", batch_sums, (num_layers, num_codewords, dim), meaning="(L, K, D)")
     check_same_device(codebook=codebook, counts=counts, batch_counts=batch_counts, batch_sums=batch_sums)
-    if not 0.0 <= decay:
-        raise ValueError(f"decay must be non-negative, got {decay}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
     if decay >= 1.0:
         return
     _codebook_ema_update_op(codebook, counts, batch_counts, batch_sums, decay)

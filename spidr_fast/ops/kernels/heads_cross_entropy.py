@@ -2,8 +2,10 @@
 
 Forward (one launch, every layer): per block of rows, the logits tile by tile over the K codewords with an online
 log-sum-exp, then a second sweep that sums the probabilities over the block's rows. It writes the per-row
-negative log-likelihood and log-sum-exp (L, N) and per-block probability sums (row blocks, L, K), never the
-logits. Backward: a kernel recomputes each logits tile from x, W and the saved log-sum-exp and writes the
+negative log-likelihood and log-sum-exp (L, N) and per-block probability sums with the count of rows kept
+(row blocks, L, K + 1), never the logits. A row whose label is ignore_index adds nothing (0 to the loss, nothing to
+the sums or the gradients); a label outside [0, K) otherwise clears a flag the host asserts on asynchronously.
+Backward: a kernel recomputes each logits tile from x, W and the saved log-sum-exp and writes the
 gradient of the logits in the input dtype (what autograd feeds its matmuls too) with the bias gradient per row
 block; dx = G W and dW = Gᵀ x are then two batched matmuls, which accumulate in fp32 from bf16/fp16.
 """
@@ -45,7 +47,8 @@ def _logits_tile(
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, labels_ptr, nll_ptr, lse_ptr, prob_sums_ptr, num_rows, num_codewords, dim, scale,
+    x_ptr, w_ptr, b_ptr, labels_ptr, nll_ptr, lse_ptr, prob_sums_ptr, labels_ok_ptr, num_rows, num_codewords, dim,
+    scale, ignore_index,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -54,6 +57,11 @@ def _forward_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_rows
     labels = tl.load(labels_ptr + layer * num_rows + rows, mask=row_mask, other=0)
+    kept = row_mask & (labels != ignore_index)
+    # The label check, fused: a label is only ever compared, never used as an address, so a bad one clears a flag
+    # that the host asserts on without waiting for it.
+    bad = kept & ((labels < 0) | (labels >= num_codewords))
+    tl.store(labels_ok_ptr, 0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_N], tl.float32)
     target = tl.zeros([BLOCK_N], tl.float32)
@@ -68,23 +76,25 @@ def _forward_kernel(
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     tl.store(lse_ptr + layer * num_rows + rows, lse, mask=row_mask)
-    tl.store(nll_ptr + layer * num_rows + rows, lse - target, mask=row_mask)
-    # mean_probs needs the final log-sum-exp of each row: a second sweep recomputes the tiles.
+    tl.store(nll_ptr + layer * num_rows + rows, tl.where(kept, lse - target, 0.0), mask=row_mask)
+    # mean_probs needs the final log-sum-exp of each row: a second sweep recomputes the tiles. Each block's row of
+    # sums has K + 1 entries: the probabilities, then the count of rows kept (mean_probs' denominator).
+    block_sums = prob_sums_ptr + (pid_n * tl.num_programs(1) + layer) * (num_codewords + 1)
+    tl.store(block_sums + num_codewords, tl.sum(kept.to(tl.float32), axis=0))
     for k0 in range(0, num_codewords, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < num_codewords
         logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
-        probs = tl.where(row_mask[:, None], tl.exp(logits - lse[:, None]), 0.0)
-        out = (pid_n * tl.num_programs(1) + layer) * num_codewords + k
-        tl.store(prob_sums_ptr + out, tl.sum(probs, axis=0), mask=k_mask)
+        probs = tl.where(kept[:, None], tl.exp(logits - lse[:, None]), 0.0)
+        tl.store(block_sums + k, tl.sum(probs, axis=0), mask=k_mask)
 
 
 @triton.jit
 def _grad_logits_kernel(
     x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, bias_grad_ptr,
-    num_rows, num_codewords, dim, scale, inv_layers,
+    num_rows, num_codewords, dim, scale, inv_layers, ignore_index,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -94,8 +104,9 @@ def _grad_logits_kernel(
     row_mask = rows < num_rows
     labels = tl.load(labels_ptr + layer * num_rows + rows, mask=row_mask, other=0)
     lse = tl.load(lse_ptr + layer * num_rows + rows, mask=row_mask, other=0.0)
-    # loss = Σ_l nll_l / L, so each layer's nll receives grad_loss / L.
-    grad_rows = tl.load(grad_loss_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) * inv_layers
+    # loss = Σ_l nll_l / L, so each layer's nll receives grad_loss / L; an ignored label's nll is a constant 0.
+    kept = row_mask & (labels != ignore_index)
+    grad_rows = tl.load(grad_loss_ptr + rows, mask=kept, other=0.0).to(tl.float32) * inv_layers
     layer_grad_logits = grad_logits_ptr + layer * num_rows * num_codewords
     for k0 in range(0, num_codewords, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -104,7 +115,7 @@ def _grad_logits_kernel(
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         onehot = (k[None, :] == labels[:, None]).to(tl.float32)
-        grad = tl.where(row_mask[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
+        grad = tl.where(kept[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
         out = layer_grad_logits + (rows[:, None] * num_codewords + k[None, :])  # int32 tile offsets, as in loads
         tl.store(out, (grad * scale).to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
         tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
@@ -136,27 +147,32 @@ def _common(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 @register("heads_cross_entropy", "triton")
 def heads_cross_entropy_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, scale: float,
+    ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_layers, num_rows, dim = x.shape
     num_codewords = weight.shape[1]
     nll = torch.empty(num_layers, num_rows, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(nll)
     strides, meta, grid = _common(x, weight, bias)  # without a bias, weight stands in for its unread pointer
-    prob_sums = torch.zeros(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
+    prob_sums = torch.zeros(grid[0], num_layers, num_codewords + 1, dtype=torch.float32, device=x.device)
     if num_rows:
+        labels_ok = torch.ones(1, dtype=torch.int32, device=x.device)
         _forward_kernel[grid](
-            x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums,
-            num_rows, num_codewords, dim, scale, *strides, **meta,
+            x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums, labels_ok,
+            num_rows, num_codewords, dim, scale, ignore_index, *strides, **meta,
         )
+        # On CUDA a device-side assert, raised at the next synchronisation: no host sync in the step.
+        torch._assert_async(labels_ok, f"labels must be in [0, {num_codewords}) or ignore_index = {ignore_index}")
     # Sum over layers, then divide, in the order of the official loss; block sums in a fixed order.
-    return nll.sum(0) / num_layers, prob_sums.sum(0) / max(num_rows, 1), lse
+    sums = prob_sums.sum(0)
+    return nll.sum(0) / num_layers, sums[:, :num_codewords] / sums[:, num_codewords:].clamp_min(1), lse
 
 
 @register("heads_cross_entropy_backward", "triton")
 def heads_cross_entropy_backward_triton(
     grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    lse: torch.Tensor, scale: float,
+    lse: torch.Tensor, scale: float, ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_layers, num_rows, dim = x.shape
     num_codewords = weight.shape[1]
@@ -166,6 +182,7 @@ def heads_cross_entropy_backward_triton(
     if num_rows:
         _grad_logits_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), lse, grad_loss.contiguous(),
-            grad_logits, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, *strides, **meta,
+            grad_logits, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, ignore_index, *strides,
+            **meta,
         )
     return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), bias_grad.sum(0)
