@@ -237,18 +237,19 @@ def channels_last_feature_extractor(
     batch, samples = waveforms.shape
     hop = math.prod(strides)
     padded = -(-samples // hop) * hop
-    # Under autocast the official convolutions run in its dtype and each LayerNorm, so its GELU, in float32:
-    # intermediate activations are rounded to the autocast dtype where the next convolution would cast them, and
-    # the last layer's output stays float32.
+    # Under autocast the official convolutions run in its dtype. CUDA's autocast runs each LayerNorm, so its GELU,
+    # in float32 (CPU's keeps them in the autocast dtype): intermediate activations are rounded to the autocast dtype
+    # where the next convolution would cast them, and the last layer's output stays float32.
     device_type = waveforms.device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else waveforms.dtype
+    last_dtype = torch.float32 if autocast and device_type == "cuda" else dtype
     x = F.pad(waveforms.to(dtype), (0, padded - samples)).reshape(batch * padded, 1)
     last = len(conv_weights) - 1
     for i, (weight, bias, norm_weight, norm_bias, stride) in enumerate(
         zip(conv_weights, conv_biases, norm_weights, norm_biases, strides, strict=True)
     ):
-        out_dtype = torch.float32 if autocast and i == last else dtype
+        out_dtype = last_dtype if i == last else dtype
         bias = None if bias is None else bias.to(dtype)
         x, _ = _conv_layer_op(x, weight.to(dtype), bias, norm_weight, norm_bias, stride, eps, out_dtype)
     frames = num_frames(samples, [(w.shape[2], s) for w, s in zip(conv_weights, strides, strict=True)])
