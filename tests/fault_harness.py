@@ -2,7 +2,8 @@
 middle of it: `python tests/fault_harness.py PHASE SECONDS EVENTS_DIR CLI_ARGS...`, PHASE "save" (each checkpoint
 write stops halfway through the file for SECONDS: a slow disk), "validation" (each validation starts SECONDS late)
 or "decoder-crash" (decoding a file whose name contains "crash" kills the loader worker with SIGSEGV, as a
-crashing native decoder does). Each slow phase first creates EVENTS_DIR/<PHASE>-<n>, which the test waits for."""
+crashing native decoder does; one whose name contains "flaky" kills it the first time only, as the OOM killer
+does). Each slow phase first creates EVENTS_DIR/<PHASE>-<n>, which the test waits for."""
 
 import io
 import itertools
@@ -55,6 +56,9 @@ def run_with_a_slow_phase(phase: str, seconds: float, events: Path, argv: list[s
         def crashing_load(self: AudioSource, index: int, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             if "crash" in self.name(index):
                 os.kill(os.getpid(), signal.SIGSEGV)
+            if "flaky" in self.name(index) and not (events / "flaky-killed").exists():
+                (events / "flaky-killed").touch()
+                os.kill(os.getpid(), signal.SIGKILL)
             return load(self, index, *args, **kwargs)
 
         AudioSource.load = crashing_load

@@ -21,6 +21,7 @@ import torch
 from helpers import tiny_cli_args
 
 from spidr_fast.data.synthetic import SyntheticCorpus
+from spidr_fast.preemption import STOPPED_STATUS
 from spidr_fast.train import checkpoint
 from spidr_fast.train.__main__ import main
 from spidr_fast.train.loop import _carry_position_over
@@ -120,40 +121,52 @@ def assert_equals_uninterrupted(run_dir: Path, uninterrupted: Path) -> None:
 # --- preemption ----------------------------------------------------------------------------------------------------
 
 
+def fake_scontrol(folder: Path) -> dict[str, str]:
+    """The environment of a SLURM job whose `scontrol` only records its arguments in folder/scontrol.log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "scontrol.log"}\n')
+    script.chmod(0o755)
+    return {"SLURM_JOB_ID": "4242", "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_preemption_of_the_whole_process_group_at_every_moment_loses_nothing(tmp_path, uninterrupted):
-    """SIGTERM or SIGUSR1 to the process group during start-up, mid-step, during a checkpoint write (then a second
-    SIGTERM during it) and during validation: each time exit 0 with a checkpoint of the last finished step; the
-    run finished by restarts equals an uninterrupted one. Before: the workers died first and the run exited 1
-    from inside the forward pass, without a checkpoint."""
-    run_dir, events = tmp_path / "run", tmp_path / "events"
+    """SIGTERM or SIGUSR1 to the process group during start-up, mid-step (as a SLURM job), during a checkpoint
+    write (then a second SIGTERM during it) and during validation: each time exit STOPPED_STATUS (75, never 0:
+    the run is not finished) with a checkpoint of the last finished step, and the SLURM job requeued; the run
+    finished by restarts equals an uninterrupted one. Before: the workers died first and the run exited 1 from
+    inside the forward pass, without a checkpoint; later it exited 0, as a finished run, and was not requeued."""
+    run_dir, events, slurm = tmp_path / "run", tmp_path / "events", tmp_path / "slurm"
     log = run_dir.with_suffix(".log")
 
     process = launch(run_dir)  # start-up: the signal lands while torch is being imported
     time.sleep(1.0)
     os.killpg(process.pid, signal.SIGTERM)
-    assert finish(process) == 0, log.read_text()
+    assert finish(process) == STOPPED_STATUS, log.read_text()
     assert_checkpoint_of_the_last_finished_step(run_dir)
     assert latest_step(run_dir) == 1  # the step in progress finishes, then the run stops
 
-    process = launch(run_dir)  # mid-step, once the resumed run has trained a step
+    process = launch(run_dir, env=fake_scontrol(slurm))  # mid-step, once the resumed run has trained a step
     wait_until(lambda: max(train_records(run_dir)) >= 2, process)
     os.killpg(process.pid, signal.SIGUSR1)
-    assert finish(process) == 0, log.read_text()
+    assert finish(process) == STOPPED_STATUS, log.read_text()
     assert_checkpoint_of_the_last_finished_step(run_dir)
+    assert (slurm / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "requeued SLURM job 4242" in log.read_text()
 
     process = launch(run_dir, harness=("save", events))  # during a checkpoint write, twice
     wait_until(lambda: any(events.glob("save-*")), process)
     os.killpg(process.pid, signal.SIGTERM)
     time.sleep(SLOW_SECONDS / 3)
     os.killpg(process.pid, signal.SIGTERM)
-    assert finish(process) == 0, log.read_text()
+    assert finish(process) == STOPPED_STATUS, log.read_text()
     assert_checkpoint_of_the_last_finished_step(run_dir)
     assert "received SIGTERM again" in log.read_text()
 
     process = launch(run_dir, harness=("validation", events))
     wait_until(lambda: any(events.glob("validation-*")), process)
     os.killpg(process.pid, signal.SIGTERM)
-    assert finish(process) == 0, log.read_text()
+    assert finish(process) == STOPPED_STATUS, log.read_text()
     assert_checkpoint_of_the_last_finished_step(run_dir)
     assert "validation [synthetic] interrupted by SIGTERM" in log.read_text()
     assert latest_step(run_dir) < MAX_STEPS, "too late: the run ended before it could be interrupted"
@@ -165,14 +178,14 @@ def test_preemption_of_the_whole_process_group_at_every_moment_loses_nothing(tmp
 @pytest.mark.slow
 def test_preemption_during_compilation_checkpoints_the_compiled_step(tmp_path):
     """--compile, SIGTERM to the process group while inductor compiles the first step (its compile workers are in
-    the group too): the compilation and the step finish, a checkpoint is written, exit 0. About 1-2 minutes on 2
-    CPU cores, most of it compiling."""
+    the group too): the compilation and the step finish, a checkpoint is written, exit STOPPED_STATUS. About 1-2
+    minutes on 2 CPU cores, most of it compiling."""
     run_dir = tmp_path / "run"
     process = launch(run_dir, "--compile")
     time.sleep(20.0)  # imports take a few seconds, the first compiled step more than a minute
     assert not train_records(run_dir), "the first step finished before the signal: not during compilation"
     os.killpg(process.pid, signal.SIGTERM)
-    assert finish(process, timeout=600) == 0, run_dir.with_suffix(".log").read_text()
+    assert finish(process, timeout=600) == STOPPED_STATUS, run_dir.with_suffix(".log").read_text()
     assert_checkpoint_of_the_last_finished_step(run_dir)
 
 
@@ -346,14 +359,17 @@ def test_bad_audio_files_are_skipped_named_and_counted_and_the_run_goes_on(tmp_p
 
 
 def test_a_loader_worker_killed_by_its_decoder_names_the_file_and_the_run_goes_on(tmp_path):
-    """A file whose decoding kills the worker (SIGSEGV, as a crashing native decoder): the run names it, skips it
-    from then on and restarts the loader at the batch it was making, and trains to its end. Before, the worker's
-    death was raised in the main process wherever it was, and the run exited 1."""
+    """A file whose decoding kills the worker every time (SIGSEGV, as a crashing native decoder), and one that
+    kills it once (SIGKILL, as the OOM killer): the run names both and restarts the loader at the batch it was
+    making; the first is excluded after its second death, listed in the metrics with the reason, the second is
+    trained on; the run trains to its end. Before, the worker's death was raised in the main process wherever it
+    was, and the run exited 1; later, a single death excluded the file, whatever had killed the worker."""
     manifest = SyntheticCorpus(num_utterances=6, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
     wav = tmp_path / "corpus" / "wav"
-    shutil.copy(wav / "utt00000.wav", wav / "crash.wav")
-    with manifest.open("a") as f:
-        f.write(f"wav/crash.wav\t{soundfile.info(wav / 'crash.wav').frames}\n")
+    for name in ("crash", "flaky"):
+        shutil.copy(wav / "utt00000.wav", wav / f"{name}.wav")
+        with manifest.open("a") as f:
+            f.write(f"wav/{name}.wav\t{soundfile.info(wav / f'{name}.wav').frames}\n")
     run_dir = tmp_path / "run"
     process = launch(
         run_dir,
@@ -367,5 +383,13 @@ def test_a_loader_worker_killed_by_its_decoder_names_the_file_and_the_run_goes_o
     )
     log = run_dir.with_suffix(".log")
     assert finish(process) == 0, log.read_text()
-    assert f"a loader worker died decoding {wav / 'crash.wav'}: skipping that file from now on" in log.read_text()
+    text = log.read_text()
+    assert f"a loader worker died decoding {wav / 'flaky.wav'} (death 1): retrying it once" in text
+    assert f"{wav / 'flaky.wav'} (death 2)" not in text
+    assert f"a loader worker died decoding {wav / 'crash.wav'} (death 1): retrying it once" in text
+    assert f"a loader worker died decoding {wav / 'crash.wav'} (death 2): skipping that file from now on" in text
     assert [r["skipped_files"] for r in train_records(run_dir).values()] == [1, 2, 3]  # one batch per epoch
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    excluded = [(r["file"], r["reason"]) for r in records if r["split"] == "excluded"]
+    assert excluded == [(str(wav / "crash.wav"), "its decoding killed a loader worker 2 times")]
+    assert f"excluded: {wav / 'crash.wav'} (its decoding killed a loader worker 2 times)" in text

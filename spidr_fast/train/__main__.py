@@ -3,7 +3,8 @@
 With no arguments: a small SpidR trained on the built-in synthetic corpus, 600 steps of three 2 s clips (about 7
 minutes on 2 CPU cores), with a progress bar, and in runs/spidr_fast/synthetic its config.json, checkpoints/,
 metrics.jsonl and metrics.png; it ends with a summary of the units' quality against the phone labels, beside
-k-means on MFCCs. Relaunching the same command resumes the run; SIGTERM or SIGUSR1 stops it after writing a checkpoint.
+k-means on MFCCs. Relaunching the same command resumes the run; SIGTERM or SIGUSR1 stops it after writing a checkpoint
+(exit status 75; under SLURM it requeues the job).
 On real speech: --manifest (python -m spidr_fast.data.manifest writes one) and an official config (--config);
 under torchrun or srun, one process per GPU.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spidr_fast.cli import ArgumentParser, report_user_errors
-from spidr_fast.preemption import Preemption
+from spidr_fast.preemption import STOPPED_STATUS, Preemption, requeue_slurm_job
 
 if __name__ == "__main__":  # before the imports below, which take seconds: a signal during start-up is not lost
     STARTUP_PREEMPTION = Preemption().__enter__()
@@ -112,7 +113,10 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
     train = summary.get("train") or {}
     lines = [f"run folder: {summary['run_dir']}", f"steps: {summary['step']}"]
     if summary["preempted"]:
-        lines.append("stopped by a signal: checkpoint written; run the same command again to resume")
+        lines.append(
+            f"stopped by a signal: checkpoint written, exit status {STOPPED_STATUS}; "
+            "run the same command again to resume"
+        )
     if summary["checkpoint"]:
         lines.append(f"checkpoint: {summary['checkpoint']}")
     if export:
@@ -123,6 +127,8 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
         )
     if summary["skipped_files"]:
         lines.append(f"unreadable audio files skipped: {summary['skipped_files']}")
+    for excluded in summary["excluded_files"]:
+        lines.append(f"excluded: {excluded['file']} ({excluded['reason']})")
     for name, result in (summary.get("validation") or {}).items():
         line = f"validation [{name}]: loss {result['loss']:.4f}"
         for kind, what in (("heads", "student's head units"), ("codebooks", "teacher's codebook units")):
@@ -151,7 +157,16 @@ def main(argv: list[str] | None = None, preemption: Preemption | None = None) ->
         return report_user_errors(_main, argv, active)
 
 
+def _stop_loader_workers() -> None:
+    """The loader's workers ignore SIGTERM (the main process stops them), and exit-time cleanup stops them with
+    SIGTERM and waits: whatever path a run leaves by, an error handled or not, stop them, or it never exits."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 def _main(argv: list[str] | None, preemption: Preemption) -> int:
+    """0: finished; STOPPED_STATUS: stopped by a signal, checkpoint written (requeued under SLURM); 1: a failure a
+    restart may cure."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = build_config(args)
@@ -176,6 +191,11 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
         if ctx.is_main:
             plot = run_dir / "metrics.png"
             print_summary(summary, export, plot if plot_training(run_dir / "metrics.jsonl", plot) else None)
+        if not summary["preempted"]:
+            return 0
+        if ctx.is_main:
+            requeue_slurm_job()
+        return STOPPED_STATUS
     except (NonFiniteError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -193,15 +213,11 @@ def _main(argv: list[str] | None, preemption: Preemption) -> int:
             file=sys.stderr,
             flush=True,
         )
+        _stop_loader_workers()
         os._exit(1)  # destroying a process group whose peer is gone can block
     finally:
-        if sys.exc_info()[0] is not None:
-            # The loader's workers ignore SIGTERM (the main process stops them), and exit-time cleanup stops
-            # them with SIGTERM and waits: after an error, stop them here or the process never exits.
-            for worker in multiprocessing.active_children():
-                worker.kill()
+        _stop_loader_workers()
         distributed.teardown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class Trainer:
         )
         self.nonfinite = NonFiniteGuard(cfg.run.max_nonfinite_steps, self.checkpointer)
         self.step, self.epoch, self.position, self.skipped_files = 0, 0, 0, 0
+        self.worker_deaths: dict[int, int] = {}  # file index → loader workers that died decoding it
+        self.excluded_files: list[dict[str, str]] = []  # {"file", "reason"} of each file excluded this run
         state = self.checkpointer.load_latest()
         if state is not None:
             _check_same_model(state.get("config", {}), dataclasses.asdict(cfg), self.checkpointer.folder)
@@ -172,9 +174,11 @@ class Trainer:
         )
 
     def _rest_of_epoch(self) -> Iterator[Batch]:
-        """This epoch's batches from the saved position. A loader worker that dies (a decoder crash) does not end
-        the run: the file it was decoding is named and excluded, and a new loader resumes at the first batch not
-        yet trained on, which then lacks that file like any unusable one."""
+        """This epoch's batches from the saved position. A loader worker that dies does not end the run: the file
+        it was decoding is named and a new loader resumes at the first batch not yet trained on. The first death
+        is retried, since the OOM killer or an operator may have killed the worker; a second one (a decoder crash)
+        excludes the file, which is listed in the metrics and from then on missing from its batch like any
+        unusable one."""
         while True:
             self.loader.batch_sampler.set_epoch(self.epoch, start=self.position)
             batches = iter(self.loader)
@@ -189,15 +193,27 @@ class Trainer:
                 culprits = self.loader.dataset.files_that_killed_a_worker()
                 if not culprits:
                     raise
+            excluded = set(self.loader.dataset.excluded)
             for index in culprits:
+                name = self.loader.dataset.source.name(index)
+                self.worker_deaths[index] = self.worker_deaths.get(index, 0) + 1
+                if self.worker_deaths[index] == 1:
+                    action = "retrying it once"
+                else:
+                    action = "skipping that file from now on"
+                    excluded.add(index)
+                    reason = f"its decoding killed a loader worker {self.worker_deaths[index]} times"
+                    self.excluded_files.append({"file": name, "reason": reason})
+                    self.metrics.log.write({"split": "excluded", "step": self.step, "file": name, "reason": reason})
                 logger.warning(
-                    "a loader worker died decoding %s: skipping that file from now on, restarting the "
-                    "loader at batch %d of epoch %d",
-                    self.loader.dataset.source.name(index),
+                    "a loader worker died decoding %s (death %d): %s, restarting the loader at batch %d of epoch %d",
+                    name,
+                    self.worker_deaths[index],
+                    action,
                     self.position,
                     self.epoch,
                 )
-            self.loader = self._build_loader(self.loader.dataset.excluded | frozenset(culprits))
+            self.loader = self._build_loader(frozenset(excluded))
 
     def _batches(self) -> Iterator[Batch]:
         """Batches forever, epoch after epoch, from the saved position; empty batches (all files unreadable)
@@ -302,6 +318,7 @@ class Trainer:
                 "preempted": preempted,
                 "checkpoint": str(last_checkpoint) if last_checkpoint else None,
                 "skipped_files": self.skipped_files,
+                "excluded_files": self.excluded_files,
                 "train": self.metrics.last_record,
             }
             if not preempted:
