@@ -10,6 +10,7 @@ eager step, its MFU, and each op against its compiled reference.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,8 +35,35 @@ def newest_gpu_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
             continue
         key = (payload["benchmark"], payload["environment"]["device"])
         if key not in chosen or payload["environment"]["date"] > chosen[key]["environment"]["date"]:
-            chosen[key] = {**payload, "file": path.name}
+            chosen[key] = recount_flops({**payload, "file": path.name})
     return [chosen[key] for key in sorted(chosen)]
+
+
+def recount_flops(payload: dict) -> dict:
+    """A train-step result measured with an older FLOP count (before `flop_count_version` 2 the positional
+    convolution counted the stack's kernel, 95, in each of its 5 layers: 1.3 TFLOP a step too many) with its
+    TFLOP/s and MFU recomputed from today's count, and each such row marked; the file itself is left as measured."""
+    from benchmarks.train_step import FLOP_COUNT_VERSION, step_flops
+    from spidr_fast.models import SpidRConfig
+
+    if payload["benchmark"] not in STEP_BENCHMARKS or payload.get("flop_count_version", 1) >= FLOP_COUNT_VERSION:
+        return payload
+    rows = []
+    for row in payload["rows"]:
+        shape = re.fullmatch(r"B(\d+) x ([\d.]+)s \((\d+) frames, (\d+) masked\)", row["shape"])
+        if row["tflop_per_s"] is not None and shape:  # GPU runs measure spidr-base
+            batch, seconds, _, masked = shape.groups()
+            counted = step_flops(SpidRConfig(), int(batch), round(float(seconds) * 16000), int(masked))["total"]
+            scale = counted / (row["tflop_per_s"] * row["ms"] * 1e9)  # over the count it was measured with
+            recounted = f"TFLOP/s and MFU recomputed with FLOP count {FLOP_COUNT_VERSION} (measured with the old one)"
+            row = {
+                **row,
+                "tflop_per_s": row["tflop_per_s"] * scale,
+                "share_of_peak": row["share_of_peak"] * scale,
+                "note": f"{row['note']}; {recounted}" if row["note"] else recounted,
+            }
+        rows.append(row)
+    return {**payload, "rows": rows}
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -71,8 +99,60 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {row['case']} | {row['shape']} | {row['impl']} | {_cell(row['ms'], '.3f')} | "
                 f"{_cell(row['gb_per_s'], '.0f')} | {_cell(row['tflop_per_s'], '.1f')} | "
-                f"{_cell(row['share_of_peak'], '.0%')} | {row['note']} |"
+                f"{_cell(row['share_of_peak'], '.0%')} | {note(row)} |"
             )
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def note(row: dict) -> str:
+    """The row's note, its peak memory, and its error (and why it is a known one) where it failed."""
+    parts = [row["note"]] if row["note"] else []
+    if row.get("peak_memory_gib") is not None:
+        parts.append(f"peak memory {row['peak_memory_gib']:.1f} GiB")
+    if row.get("error"):
+        parts.append(f"FAILED: {row['error']}" + (f" (known: {row['known_failure']})" if row["known_failure"] else ""))
+    return "; ".join(parts)
+
+
+def where_the_time_goes(results: list[dict], top: int = 8) -> str:
+    """Per GPU with a profile: each profiled step's top kernels (calls, ms and share of the step), and what ncu
+    read of our kernels."""
+    profiles = [payload for payload in results if payload["benchmark"] == "profile"]
+    if not profiles:
+        return (
+            "No profile is committed yet: the device check's second call (`bash benchmarks/device_check.sh "
+            "compiled`) returns `profile.json`; copy it into `benchmarks/results/` as `profile-<card>-<date>.json`."
+        )
+    lines = []
+    for payload in profiles:
+        env = payload["environment"]
+        steps = {row["impl"]: row["ms"] for row in payload["rows"] if row["case"] == "profiled step"}
+        lines += [
+            f"**{env['device']}**, {env['date'][:10]}, commit {env['commit'][:10]} (`benchmarks/results/"
+            f"{payload['file']}`): the top {top} kernels of each step by total time.",
+            "",
+            "| step (ms) | kernel | calls | ms | share of the step |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for step, kernels in payload.get("top_kernels", {}).items():
+            for kernel in kernels[:top]:
+                lines.append(
+                    f"| {step} ({_cell(steps.get(step), '.1f')}) | `{kernel['name'][:70]}` | {kernel['calls']:g} | "
+                    f"{kernel['ms']:.2f} | {kernel['share']:.0%} |"
+                )
+        if isinstance(payload.get("ncu"), list) and payload["ncu"]:
+            lines += [
+                "",
+                "| our kernel (ncu) | DRAM GB/s | SM throughput | occupancy | registers |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            for kernel in payload["ncu"]:
+                lines.append(
+                    f"| `{kernel['name'][:70]}` | {_cell(kernel['dram_gb_per_s'], '.0f')} | "
+                    f"{_cell(kernel['sm_throughput_pct'], '.0f')}% | {_cell(kernel['achieved_occupancy_pct'], '.0f')}% "
+                    f"| {_cell(kernel['registers_per_thread'], '.0f')} |"
+                )
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -141,7 +221,10 @@ def generated(results: list[dict]) -> dict[Path, dict[str, str]]:
     return {
         README: {"perf-summary": latest},
         PERFORMANCE_DOC: {"perf-table": table(results)},
-        BENCHMARKS_README: {"perf-summary": "\n\n".join(summary(results, d) for d in devices) or table([])},
+        BENCHMARKS_README: {
+            "perf-summary": "\n\n".join(summary(results, d) for d in devices) or table([]),
+            "perf-profile": where_the_time_goes(results),
+        },
     }
 
 
