@@ -92,6 +92,9 @@ def environment(device: torch.device) -> dict[str, object]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
     }
     if device.type == "cuda":
+        from spidr_fast.ops._dispatch import card_family
+
+        info["card_family"] = card_family(device)  # what the CUDA defaults are chosen per (spidr_fast.ops._dispatch)
         info["cuda"] = torch.version.cuda
         try:
             info["driver"] = subprocess.run(

@@ -47,12 +47,10 @@ def report() -> dict[str, object]:
     }
     for op in sorted(_dispatch.registered_ops()):
         backend = _dispatch.backend_name(op, device)
-        measured = _dispatch.MEASURED_GPU_DEFAULTS.get(op)
-        chosen_by_measurement = device.type == "cuda" and _dispatch.forced_backend(op) is None and measured
-        if chosen_by_measurement:
-            backend = f"{backend} ({measured[1]})"
-        elif _dispatch.forced_backend(op) is not None:
+        if _dispatch.forced_backend(op) is not None:
             backend = f"{backend} (forced)"
+        elif device.type == "cuda":  # the measurement behind the choice, or why there is none
+            backend = f"{backend} ({_dispatch.gpu_default(op, _dispatch.card_family(device))[1]})"
         info[f"op {op}"] = backend
     return info
 

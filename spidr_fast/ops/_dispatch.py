@@ -1,8 +1,10 @@
 """The one place that decides which implementation of an op runs.
 
-Each op registers its implementations by backend name. CUDA tensors take the fastest registered backend: the one
-the committed H100 measurements chose for the op (`MEASURED_GPU_DEFAULTS`), else "cuda", then "triton". Every
-other tensor takes the plain-PyTorch reference, so a CPU tensor always works.
+Each op registers its implementations by backend name. CUDA tensors take what the committed measurements chose
+for the op on the device's card family (`MEASURED_GPU_DEFAULTS`: the fused kernel where it measured fastest at
+SpidR's shapes, else the reference); an op measured on other families only runs its reference; an op never
+measured yet runs "cuda", then "triton". Every other tensor takes the plain-PyTorch reference, so a CPU tensor
+always works. `python -m spidr_fast.info` prints each choice with the measurement behind it.
 
 Overrides, strongest first: one op's backend (`set_backend("cuda", op="attention")`), then one backend for every
 op that has it (`set_backend("triton")`); an op without the forced backend runs its reference.
@@ -10,6 +12,7 @@ op that has it (`set_backend("triton")`); an op without the forced backend runs 
 """
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -19,15 +22,72 @@ BACKENDS = ("reference", "triton", "cuda")
 _GPU_PREFERENCE = ("cuda", "triton")
 _registry: dict[str, dict[str, Callable]] = {}
 
-# Ops whose fused implementation the H100 results in benchmarks/results/ show slower than its alternative at
-# SpidR's shapes: CUDA tensors take the faster one until a faster kernel lands (python -m spidr_fast.info prints why).
-MEASURED_GPU_DEFAULTS: dict[str, tuple[str, str]] = {
-    "attention": (
-        "reference",
-        "SDPA: on an H100 (2026-11-27) our flash-attention's forward + backward took 2.4-2.9x SDPA cuDNN's and "
-        "1.9-2.4x SDPA flash's at T = 250-1000, and SpidR's training step 1.10x longer with it",
-    )
+# op -> card family -> (backend, the measurement behind it): the faster of the fused kernel and the eager reference
+# at SpidR's official batch in the committed results (benchmarks/results/kernels-*.json). tests/test_dispatch.py
+# derives this table from those files and fails when they disagree: new results, new defaults.
+MEASURED_GPU_DEFAULTS: dict[str, dict[str, tuple[str, str]]] = {
+    "attention": {
+        "sm_90": (
+            "reference",
+            "SDPA: at B12 T1000 our flash-attention's forward + backward took 1.24 ms against SDPA flash's 0.62 on an "
+            "H100 (2026-11-27) and 1.17 against 0.60 on an H200 (2026-11-28)",
+        )
+    },
+    "instance_norm_assign": {
+        "sm_90": (
+            "reference",
+            "at L8 B12 T1000 the Triton kernel took 3.60 ms against the eager reference's 3.25 on an H100 "
+            "(2026-11-27) and 3.59 against 2.98 on an H200 (2026-11-28; 3.09 against 2.86 inside its step): its "
+            "distances run on CUDA cores",
+        )
+    },
+    "codebook_ema_update_": {
+        "sm_90": (
+            "triton",
+            "at L8 K256 D768 the Triton kernel took 0.071 ms against the eager reference's 0.382 on an H100 "
+            "(2026-11-27) and 0.039 against 0.142 on an H200 (2026-11-28)",
+        )
+    },
+    "heads_cross_entropy": {
+        "sm_90": (
+            "triton",
+            "at L8 N7200 D768 K256 (forward + backward) the Triton kernels took 1.09 ms against the eager "
+            "reference's 1.74 on an H100 (2026-11-27) and 1.51 against 1.98 on an H200 (2026-11-28)",
+        )
+    },
 }
+# Ops that take another op's choice: the same kernels (codebook_assign's distances are instance_norm_assign's), or
+# the backward of a forward.
+FOLLOWS = {
+    "codebook_assign": "instance_norm_assign",
+    "heads_cross_entropy_backward": "heads_cross_entropy",
+    "feature_conv_layer": "feature_extractor",
+    "feature_conv_layer_backward": "feature_extractor",
+}
+
+
+def card_family(device: torch.device) -> str:
+    """The compute capability of a CUDA device, as `sm_90` for an H100 or an H200."""
+    return _card_family(torch.device(device).index)
+
+
+@functools.cache
+def _card_family(index: int | None) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def gpu_default(op: str, family: str) -> tuple[str, str]:
+    """The backend CUDA tensors on a card of `family` take for `op` when nothing is forced, and why."""
+    impls = _registry[op]
+    measured = MEASURED_GPU_DEFAULTS.get(FOLLOWS.get(op, op))
+    if measured is None:
+        backend = next((b for b in _GPU_PREFERENCE if b in impls), "reference")
+        return backend, "not measured on any card yet: the fused kernel by default"
+    if family not in measured:
+        return "reference", f"measured on {', '.join(measured)} only, not on {family}: the reference"
+    backend, why = measured[family]
+    return (backend, why) if backend in impls else ("reference", f"no {backend} implementation here")
 
 
 def _parse_backend(name: str | None) -> str | None:
@@ -103,11 +163,7 @@ def backend_name(op: str, device: torch.device) -> str:
     if forced is not None:
         return forced if forced in impls else "reference"
     if device.type == "cuda":
-        if op in MEASURED_GPU_DEFAULTS:
-            return MEASURED_GPU_DEFAULTS[op][0]
-        for backend in _GPU_PREFERENCE:
-            if backend in impls:
-                return backend
+        return gpu_default(op, card_family(device))[0]
     return "reference"
 
 
