@@ -37,6 +37,11 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
         "heads_grad_logits[bf16]",
         "heads_forward[fp32]",
         "heads_grad_logits[fp32]",
+        "extractor_conv[K=10]",
+        "extractor_conv[K=1536]",
+        "extractor_conv_input_grad",
+        "extractor_norm_gelu",
+        "extractor_norm_gelu_backward",
     ]
     assert [(row["target"], row["kernel"]) for row in report] == [(t, n) for t in kernel_report.TARGETS for n in names]
     for row in report:
