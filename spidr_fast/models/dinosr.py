@@ -10,6 +10,7 @@ from spidr_fast import ops
 from spidr_fast.distributed import is_distributed, sum_over_ranks
 from spidr_fast.models.components import FeatureExtractor, FeatureProjection, Transformer
 from spidr_fast.models.config import DinoSRConfig
+from spidr_fast.ops._dispatch import backend_name
 from spidr_fast.nn.codebook import EMACodebooks
 
 
@@ -99,13 +100,17 @@ class DinoSR(nn.Module):
         return self._extractor_frozen
 
     def compile_encoders(self, backend: str = "inductor") -> None:
-        """torch.compile the student's and the teacher's transformer layers, almost all of the FLOPs, with dynamic
-        batch and time sizes from the first call, so cropped batches of every length share one graph each and
-        nothing recompiles after warm-up. The convolutional extractor stays eager: inductor (torch 2.13) fails on
-        the symbolic lengths of strided convolutions (ValueRangeError), and the alternative, padding batches to
-        fixed length buckets, would spend compute on padding and change the official crop."""
+        """torch.compile the student's and the teacher's transformer layers with dynamic batch and time sizes from
+        the first call, so cropped batches of every length share one graph each and nothing recompiles after
+        warm-up; and the feature extractor, where `ops.feature_extractor` runs it channels-last (a GPU, layer_norm
+        mode): its layers are custom ops there. Its reference, the official strided convolutions, stays eager:
+        inductor (torch 2.13) fails on their symbolic lengths (ValueRangeError), and padding batches to fixed length
+        buckets instead would spend compute on padding and change the official crop."""
         self.student.compile_layers(backend)
         self.teacher.compile_layers(backend)
+        device = self.mask_embedding.device
+        if self.cfg.extractor_mode == "layer_norm" and backend_name("feature_extractor", device) != "reference":
+            self.feature_extractor.forward = torch.compile(self.feature_extractor.forward, backend=backend, dynamic=True)
 
     def train(self, mode: bool = True) -> "DinoSR":
         super().train(mode)
