@@ -87,16 +87,27 @@ def test_every_module_the_readme_names_runs():
     assert not missing, f"the README names modules that python -m cannot run: {missing}"
 
 
+def program(command: str) -> str | None:
+    """What a README command runs, as `python` would take it: `-m spidr_fast...` or a script of this repository."""
+    words = command.split()
+    module = module_of(command)
+    if module is not None:
+        return f"-m {module}" if module.startswith("spidr_fast") else None
+    return words[1] if words[0] == "python" and words[1].endswith(".py") else None
+
+
 def test_every_flag_the_readme_gives_a_command_is_in_its_help():
-    unknown = []
+    checked, unknown = set(), []
     for command in shell_commands(README.read_text()):
-        module = module_of(command)
-        if module is None or not module.startswith("spidr_fast"):
+        target = program(command)
+        if target is None:
             continue
-        listed = run(f"python -m {module} --help").stdout
-        after = command.split(f"-m {module}", 1)[1]  # torchrun's own flags come before it
+        checked.add(target)
+        listed = run(f"python {target} --help").stdout
+        after = command.split(target, 1)[1]  # torchrun's own flags come before it
         flags = re.findall(r"(?<!\S)(--[\w-]+)", after)
-        unknown += [f"{module} {flag}" for flag in flags if not re.search(rf"{flag}(?![\w-])", listed)]
+        unknown += [f"{target} {flag}" for flag in flags if not re.search(rf"{flag}(?![\w-])", listed)]
+    assert "-m spidr_fast.train" in checked
     assert not unknown, f"flags the README gives that --help does not list: {unknown}"
 
 
