@@ -89,7 +89,7 @@ def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]
         heads = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr=i64, lse_ptr=fp32)
         name = _TRITON_DTYPES[dtype]
         kernel = heads_cross_entropy._forward_kernel
-        pointers = heads | dict(nll_ptr=fp32, prob_sums_ptr=fp32)
+        pointers = heads | dict(nll_ptr=fp32, prob_sums_ptr=fp32, labels_ok_ptr=fp32)
         signature = _signature(kernel, pointers, ("scale",))
         yield f"heads_forward[{name}]", kernel, signature, dict(HAS_BIAS=True, **config), options
         kernel = heads_cross_entropy._grad_logits_kernel

@@ -61,7 +61,7 @@ def _forward_kernel(
     # The label check, fused: a label is only ever compared, never used as an address, so a bad one clears a flag
     # that the host asserts on without waiting for it.
     bad = kept & ((labels < 0) | (labels >= num_codewords))
-    tl.store(labels_ok_ptr, 0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
+    tl.store(labels_ok_ptr, 0.0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_N], tl.float32)
     target = tl.zeros([BLOCK_N], tl.float32)
@@ -157,7 +157,7 @@ def heads_cross_entropy_triton(
     strides, meta, grid = _common(x, weight, bias)  # without a bias, weight stands in for its unread pointer
     prob_sums = torch.zeros(grid[0], num_layers, num_codewords + 1, dtype=torch.float32, device=x.device)
     if num_rows:
-        labels_ok = torch.ones(1, dtype=torch.int32, device=x.device)
+        labels_ok = torch.ones(1, device=x.device)
         _forward_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums, labels_ok,
             num_rows, num_codewords, dim, scale, ignore_index, *strides, **meta,
