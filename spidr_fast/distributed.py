@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# How long the other ranks wait for rank 0 to finish validating: outside run.collective_timeout, since the first
+# validation of a large dev set (its MFCC k-means baseline) can take longer than a collective should. A dead rank 0
+# still ends the wait at once (gloo sees its connections close).
+MAIN_RANK_WAIT = timedelta(days=1)
+_main_rank_wait: dist.ProcessGroup | None = None
+
 
 @dataclass(frozen=True)
 class Context:
@@ -37,6 +43,7 @@ def _first_host(nodelist: str) -> str:
 
 def setup(device: str | None = None, timeout_s: int = 600) -> Context:
     """`timeout_s`: how long a collective waits for a peer before it fails instead of hanging."""
+    global _main_rank_wait
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
         rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -60,10 +67,21 @@ def setup(device: str | None = None, timeout_s: int = 600) -> Context:
             timeout=timedelta(seconds=timeout_s),
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
+    if world_size > 1:
+        _main_rank_wait = dist.new_group(backend="gloo", timeout=MAIN_RANK_WAIT)
     return Context(rank, world_size, local_rank, torch_device)
 
 
+def wait_for_main_rank() -> None:
+    """Every rank waits here until all, rank 0 included, have arrived (after rank 0's validation), under
+    MAIN_RANK_WAIT rather than the collective timeout; nothing to wait for in a single process."""
+    if _main_rank_wait is not None:
+        dist.barrier(group=_main_rank_wait)
+
+
 def teardown() -> None:
+    global _main_rank_wait
+    _main_rank_wait = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

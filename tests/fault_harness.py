@@ -1,6 +1,7 @@
 """The training CLI with one phase made slow or faulty, so that a test can signal or kill the process group in the
 middle of it: `python tests/fault_harness.py PHASE SECONDS EVENTS_DIR CLI_ARGS...`, PHASE "save" (each checkpoint
-write stops halfway through the file for SECONDS: a slow disk), "validation" (each validation starts SECONDS late)
+write stops halfway through the file for SECONDS: a slow disk), "validation" (the first validation starts SECONDS
+late)
 or "decoder-crash" (decoding a file whose name contains "crash" kills the loader worker with SIGSEGV, as a
 crashing native decoder does; one whose name contains "flaky" kills it the first time only, as the OOM killer
 does). Each slow phase first creates EVENTS_DIR/<PHASE>-<n>, which the test waits for."""
@@ -45,8 +46,9 @@ def run_with_a_slow_phase(phase: str, seconds: float, events: Path, argv: list[s
         validate = validation.validate
 
         def slow_validate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            announce()
-            time.sleep(seconds)
+            if not any(events.glob("validation-*")):
+                announce()
+                time.sleep(seconds)
             return validate(*args, **kwargs)
 
         validation.validate = slow_validate

@@ -48,14 +48,15 @@ def launch(
     env: dict | None = None,
     prefix: tuple[str, ...] = (),
     log: Path | None = None,
+    slow_seconds: float = SLOW_SECONDS,
 ) -> subprocess.Popen:
     """The training CLI in its own process group (as under SLURM or torchrun), its output appended to `log`
-    (default run_dir.log); `harness`: (phase, events folder) to make that phase slow; `prefix`: a command that
-    runs it."""
+    (default run_dir.log); `harness`: (phase, events folder) to make that phase `slow_seconds` slow; `prefix`: a
+    command that runs it."""
     entry = (
         ["-m", "spidr_fast.train"]
         if harness is None
-        else [str(HARNESS), harness[0], str(SLOW_SECONDS), str(harness[1])]
+        else [str(HARNESS), harness[0], str(slow_seconds), str(harness[1])]
     )
     command = [*prefix, sys.executable, *entry, *tiny_cli_args(run_dir, *RUN_FLAGS, *extra)]
     with (log or run_dir.with_suffix(".log")).open("ab") as output:
@@ -262,8 +263,9 @@ def test_a_read_only_checkpoint_folder_is_an_error_naming_it(tmp_path):
 # --- distributed ---------------------------------------------------------------------------------------------------
 
 
-def launch_ranks(run_dir: Path, world_size: int, *extra: str) -> list[subprocess.Popen]:
-    """`world_size` gloo ranks on the CPU, as torchrun starts them, each in its own process group."""
+def launch_ranks(run_dir: Path, world_size: int, *extra: str, **options) -> list[subprocess.Popen]:  # noqa: ANN003
+    """`world_size` gloo ranks on the CPU, as torchrun starts them, each in its own process group; `options`: those
+    of `launch`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -272,6 +274,7 @@ def launch_ranks(run_dir: Path, world_size: int, *extra: str) -> list[subprocess
             run_dir,
             "--set=data.num_workers=0",
             *extra,
+            **options,
             log=run_dir.parent / f"rank{rank}.log",
             env={
                 "RANK": str(rank),
@@ -310,6 +313,17 @@ def test_a_dead_rank_stops_the_others_with_an_error_and_a_restart_resumes(tmp_pa
     assert finish(launch(run_dir, "--set=optimizer.max_steps=7")) == 0
     assert "resuming a run of 2 ranks on 1" in run_dir.with_suffix(".log").read_text()
     assert latest_step(run_dir) == 7
+
+
+def test_a_validation_longer_than_the_collective_timeout_does_not_stop_the_other_ranks(tmp_path):
+    """2 gloo ranks, run.collective_timeout 8 s, rank 0's first validation 16 s long: rank 1 waits for it outside
+    the collective timeout and both finish. Before, rank 1's next all-reduce timed out and the run ended."""
+    run_dir = tmp_path / "run"
+    flags = ("--set=run.collective_timeout=8", "--set=optimizer.max_steps=3")
+    ranks = launch_ranks(run_dir, 2, *flags, harness=("validation", tmp_path / "events"), slow_seconds=16.0)
+    statuses = [finish(rank) for rank in ranks]
+    assert statuses == [0, 0], "".join((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
+    assert sorted(train_records(run_dir)) == [1, 2, 3]
 
 
 def test_world_size_change_keeps_the_global_count_of_batches_trained_on():

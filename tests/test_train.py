@@ -204,16 +204,17 @@ def _ddp_rank(rank, port, run_dir, results):
         dist.destroy_process_group()
 
 
-def test_two_rank_ddp_step_equals_one_process_on_the_union_batch(tmp_path):
+def test_two_rank_ddp_step_equals_one_process_accumulating_both_batches(tmp_path):
+    """Each rank's batch as a micro-batch of one process (which equals the union batch: the test above). Not the
+    union batch itself: its forward takes other GEMM blockings than the halves, and one frame near a tie between
+    two codewords then changes a codebook count by a whole 0.1 (seen with the SeedSequence batch seeds)."""
     import socket
 
     import torch.multiprocessing as mp
 
     single = Trainer(tiny_config(model=NO_DROPOUT), tmp_path / "single", CPU, progress=False)
     batches = _batches(single, 2)
-    union = _concat(batches)
-    assert union.waveforms.shape[1] == batches[0].waveforms.shape[1] == batches[1].waveforms.shape[1]
-    single.train_step([union])
+    single.train_step(batches)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

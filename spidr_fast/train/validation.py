@@ -16,6 +16,7 @@ from spidr_fast.data.alignments import read_alignments
 from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_loader, build_source
 from spidr_fast.data.masking import MaskingConfig
 from spidr_fast.data.synthetic import PHONES
+from spidr_fast.distributed import wait_for_main_rank
 from spidr_fast.metrics import joint_counts, position_nmi, unit_quality
 from spidr_fast.models import DinoSR
 from spidr_fast.models.components import frame_hop, num_frames
@@ -114,7 +115,13 @@ def validate(
 class Validator:
     """Every validation set of a run, every `run.validate_interval` steps and at its end, on the main rank only
     (validation forwards need no collective). A preemption signal stops it at the next batch or file, unlogged,
-    so that the checkpoint comes within the scheduler's grace period."""
+    so that the checkpoint comes within the scheduler's grace period.
+
+    The other ranks wait for it outside the collective timeout (`distributed.wait_for_main_rank`): otherwise a
+    validation longer than run.collective_timeout (the first MFCC k-means baseline of a large dev set) failed
+    their next collective and ended the run. Waiting, rather than every rank validating its shard and reducing
+    the scores, keeps the scores those of one process (the k-means baseline and the unit quality are fitted and
+    scored over the whole set, not sums of shards) and needs no change to validation itself."""
 
     def __init__(
         self, cfg: TrainConfig, log: MetricsLog, preemption: Preemption, device: torch.device, dtype: torch.dtype
@@ -129,6 +136,7 @@ class Validator:
     def __call__(self, model: DinoSR, step: int) -> dict[str, Any]:
         """Each set's results, logged; {} on the other ranks. Leaves the model in training mode."""
         if not self.log.enabled:  # the log is the main rank's
+            wait_for_main_rank()
             return {}
         results = {}
         for name, data_cfg in self.cfg.validation.items():
@@ -146,4 +154,5 @@ class Validator:
             results[name] = result
             self.log.write({"split": f"valid/{name}", "step": step, **flatten(result)})
         model.train()
+        wait_for_main_rank()
         return results
