@@ -18,6 +18,11 @@ FLOPs, by the usual conventions):
                                written, statistics read
   heads_cross_entropy fwd+bwd  8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
   attention fwd                FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
+  feature_extractor fwd        the 7 official layers (conv k 10/3/2, stride 5/2/2, 512 channels, LayerNorm, GELU)
+                               under bf16 autocast, waveforms of B × 20 s; FLOPs = Σ 2·B·T_l·C_out·C_in·k;
+                               fwd+bwd adds the weight gradients (the same again) and the input gradients of
+                               layers 2-7; "layer i fwd+bwd" rows time one layer alone, channels-last (ours) or
+                               as the official module runs it (reference), for its share of the matmul peak
 """
 
 import functools
@@ -40,15 +45,18 @@ from spidr_fast.ops.kernels import attention as attention_kernel  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
 VARIANTS = ("eager", "compiled")
-STEMS = ("codebook", "heads_cross_entropy", "attention")
+STEMS = ("codebook", "heads_cross_entropy", "attention", "feature_extractor")
 RUN = {"eager"}  # which variants this run measures: "eager" (everything not compiled), "compiled"
+COMPILE_BACKEND = "inductor"  # a smoke run's is "eager": dynamo only, no code generation (minutes on a CPU)
 
 
 def _select(impls: dict, compiled: dict | None = None) -> dict:
     """The implementations this run measures: the eager ones and/or the torch.compile ones."""
     chosen = dict(impls) if "eager" in RUN else {}
     if "compiled" in RUN and compiled:
-        chosen.update({name: torch.compile(fn, dynamic=False) for name, fn in compiled.items()})
+        chosen.update(
+            {name: torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND) for name, fn in compiled.items()}
+        )
     return chosen
 
 
@@ -168,6 +176,7 @@ def bench_heads_cross_entropy(results, device, sizes, dtype):
             reference_loss = torch.compile(
                 lambda: _dispatch.reference("heads_cross_entropy")(x, weight, bias, labels, 1.0, -100)[0].sum(),
                 dynamic=False,
+                backend=COMPILE_BACKEND,
             )
             compiled["reference compiled"] = lambda: reference_loss().backward()
         for impl, fn in {**_select(impls), **compiled}.items():
@@ -223,6 +232,92 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
             _time(results, "attention bwd", shape, impl, backward, device, flops=2.5 * flops_forward)
 
 
+def _extractor_flops(layers, batch, samples):
+    """(forward FLOPs of each layer, input-gradient FLOPs of each layer) of the extractor on `samples` samples."""
+    forward, input_grad, in_channels = [], [], 1
+    for i, (out_channels, kernel, stride) in enumerate(layers):
+        samples = (samples - kernel) // stride + 1
+        forward.append(2 * batch * samples * out_channels * in_channels * kernel)
+        input_grad.append(0 if i == 0 else forward[-1])  # the waveforms take no gradient
+        in_channels = out_channels
+    return forward, input_grad
+
+
+def bench_feature_extractor(results, device, batch, seconds, layers, official):
+    """The whole extractor forward and forward + backward, then each layer alone, under bf16 autocast."""
+    from spidr_fast.models import SpidRConfig
+    from spidr_fast.models.components import FeatureExtractor
+    from spidr_fast.ops.feature_extractor import _conv_layer_op
+
+    extractor = FeatureExtractor(SpidRConfig(extractor_conv_layer_config=layers)).to(device)
+    waveforms = torch.randn(batch, int(seconds * 16_000), device=device)
+    forward_flops, input_grad_flops = _extractor_flops(layers, batch, waveforms.shape[1])
+    shape = f"B{batch} S{waveforms.shape[1]} C{layers[0][0]}"
+
+    def forward():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return extractor(waveforms)
+
+    def forward_backward(fn, parameters):
+        def run():
+            out = fn()
+            torch.autograd.grad(out.float().square().mean(), parameters)
+
+        return run
+
+    impls = {"fused (triton)": on_backend("triton", forward), "reference eager": on_backend("reference", forward)}
+    if official is not None:
+        import importlib
+
+        official_config = importlib.import_module("spidr.config").SpidRConfig(extractor_conv_layer_config=layers)
+        theirs = official.models.SpidR(official_config).feature_extractor  # the official modules, with our weights
+        theirs.load_state_dict(extractor.state_dict(), strict=True)
+        theirs.to(device)
+
+        def official_forward():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return theirs(waveforms)
+
+        impls["official eager"] = official_forward
+    reference = on_backend("reference", forward)
+    flops = sum(forward_flops)
+    backward_flops = 2 * flops + sum(input_grad_flops)
+    for impl, fn in _select(impls, {"reference compiled": reference}).items():
+        parameters = list((theirs if impl == "official eager" else extractor).parameters())
+        _time(results, "feature_extractor fwd", shape, impl, fn, device, flops=flops)
+        case = "feature_extractor fwd+bwd"
+        _time(results, case, shape, impl, forward_backward(fn, parameters), device, flops=backward_flops)
+    if "eager" not in RUN:
+        return
+    # Each layer alone: ours on its channels-last buffer, the reference on its (B, C, T) input, as the official runs.
+    x_flat = F.pad(waveforms, (0, -waveforms.shape[1] % 320)).to(torch.bfloat16).reshape(-1, 1)
+    x_official = waveforms.to(torch.bfloat16).unsqueeze(1)
+    for i, (layer, (_, _, stride)) in enumerate(zip(extractor.conv_layers, layers, strict=True)):
+        weight = layer.conv.weight.detach().to(torch.bfloat16).requires_grad_()
+        norm = layer.layer_norm
+        inputs_flat = x_flat.detach().requires_grad_(i > 0)
+        inputs_official = x_official.detach().requires_grad_(i > 0)
+
+        def ours(inputs=inputs_flat, weight=weight, norm=norm, stride=stride, i=i):
+            y, _ = _conv_layer_op(inputs, weight, None, norm.weight, norm.bias, stride, norm.eps, torch.bfloat16)
+            torch.autograd.grad(y.float().sum(), [weight, *([inputs] if i else [])])
+            return y
+
+        def theirs_layer(inputs=inputs_official, weight=weight, norm=norm, stride=stride, i=i):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = F.gelu(norm(F.conv1d(inputs, weight, None, stride)))
+            torch.autograd.grad(y.float().sum(), [weight, *([inputs] if i else [])])
+            return y
+
+        layer_flops = 2 * forward_flops[i] + input_grad_flops[i]
+        case = f"feature_extractor layer {i + 1} fwd+bwd"
+        _time(results, case, shape, "fused (triton)", on_backend("triton", ours), device, flops=layer_flops)
+        _time(results, case, shape, "reference eager", theirs_layer, device, flops=layer_flops)
+        with torch.no_grad():  # the next layer's inputs (their values do not change the timings)
+            x_flat = _conv_layer_op(x_flat, weight, None, norm.weight, norm.bias, stride, norm.eps, torch.bfloat16)[0]
+            x_official = F.conv1d(x_official, weight, None, stride)
+
+
 def bench_input_checks(results, device, sizes, dtype):
     """What the value checks of the labels cost against the op they guard (the note; target under 1 %): on CPU
     tensors the host read at the public function, on CUDA the heads kernel's flag and its asynchronous assert."""
@@ -257,7 +352,7 @@ def main(argv: list[str] | None = None) -> Results:
     parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
     parser.add_argument("--only", nargs="*", choices=STEMS, default=None, help="the ops to measure (default: all)")
     args = parser.parse_args(argv)
-    global LAYERS, DIM, CODEWORDS, RUN  # noqa: PLW0603 - the sizes and variants of this run
+    global LAYERS, DIM, CODEWORDS, RUN, COMPILE_BACKEND  # noqa: PLW0603 - the sizes and variants of this run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
     variants = args.variants or ("eager" if smoke else "all")
@@ -269,7 +364,7 @@ def main(argv: list[str] | None = None) -> Results:
     results.extra["official_spidr"] = "0.2.0 imported" if official else "not importable: official columns absent"
     only = set(args.only or STEMS)
     if smoke:  # SpidR's channel counts, few frames: every path runs, quickly, also in Triton's interpreter
-        LAYERS, DIM, CODEWORDS = 2, 64, 16
+        LAYERS, DIM, CODEWORDS, COMPILE_BACKEND = 2, 64, 16, "eager"
         frames_list, head_sizes, attention_list = [(2, 37)], [53], [(2, 40)]
     else:
         frames_list = [(48, 250), (24, 500), (12, 1000)]  # about 12k frames: the official per-GPU batch
@@ -281,6 +376,9 @@ def main(argv: list[str] | None = None) -> Results:
     if "heads_cross_entropy" in only:
         bench_heads_cross_entropy(results, device, head_sizes, dtype)
         bench_input_checks(results, device, head_sizes, dtype)
+    if "feature_extractor" in only:  # the official batch, 12 × 20 s; a smoke run: 0.1 s through two small layers
+        extractor = [(32, 10, 5), (32, 3, 2)] if smoke else [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+        bench_feature_extractor(results, device, 1 if smoke else 12, 0.1 if smoke else 20, extractor, official)
     if "attention" in only and "eager" in RUN:  # attention has no compiled variant: SDPA's backends are the bar
         bench_attention(results, device, attention_list, dtype, heads=12 if not smoke else 2, head_dim=64)
     results.finish()
