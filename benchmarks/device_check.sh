@@ -196,7 +196,7 @@ if [[ -n $REHEARSE ]]; then  # the CPU's stand-ins: the emulator build, smoke sh
   step import check.log 60 python3 -c "$REHEARSE_IMPORT"
 fi
 if [[ -n $REHEARSE && $MODE == eager ]]; then
-  step train_step bench.log 300 "${TRAIN_STEP[@]}" --smoke --output "$RESULTS/train_step.json"
+  step train_step bench.log 400 "${TRAIN_STEP[@]}" --smoke --output "$RESULTS/train_step.json"
   step kernels bench.log 300 python3 benchmarks/kernels.py --smoke --output "$RESULTS/kernels.json"
   step kernels_compiled bench.log 200 python3 benchmarks/kernels.py --smoke --variants compiled --only codebook \
     --output "$RESULTS/kernels_compiled.json"

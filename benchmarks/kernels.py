@@ -215,6 +215,10 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim):
         ):
             if device.type == "cuda" and backend == SDPBackend.MATH:
                 continue
+            if device.type != "cuda" and backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                for case in ("attention fwd", "attention bwd"):  # CUDA-only backends: not applicable, not failed
+                    results.add(case, shape, name, None, note=f"a CUDA backend: none on {device.type}")
+                continue
             impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
         for impl, (forward, inputs, out_grad) in impls.items():
             reason = attention_kernel.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None

@@ -324,10 +324,13 @@ def main(argv: list[str] | None = None) -> Results:
         step: Callable[[], None] | None = None
         try:
             step = build()
-            failure = try_run(step) or try_run(step)  # warm-up, compilation included
+            failure = try_run(step) or (None if smoke else try_run(step))  # warm-up, compilation included
         except Exception as error:  # noqa: BLE001 - a variant that fails is recorded, then fails the run
             failure = f"{type(error).__name__}: {error}"[:160]
-        ms = None if failure else median_ms(step, device=device, rep_ms=1500 if not smoke else 300, min_runs=3)
+        # A smoke run's time means nothing: one timed step after the warm-up is enough.
+        ms = (
+            None if failure else median_ms(step, device=device, rep_ms=0 if smoke else 1500, min_runs=1 if smoke else 3)
+        )
         times[name] = ms
         known = KNOWN_FAILURES.get(name, ("", ""))
         rate = (
