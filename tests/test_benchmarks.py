@@ -271,3 +271,23 @@ def test_a_failed_variant_fails_the_run_and_a_known_failure_does_not(tmp_path):
     with pytest.raises(SystemExit, match="1 implementation\\(s\\) failed: case / crashes: RuntimeError: boom"):
         results.finish()
     assert json.loads((tmp_path / "r.json").read_text())["rows"][2]["error"] == "RuntimeError: boom"
+
+
+def test_ncu_raw_csv_gives_each_kernel_its_metrics():
+    """ncu --csv --page raw --print-units base: lines of its own first, a header, a units row, one row per launch."""
+    from benchmarks import step_profile
+
+    header = ["ID", "Kernel Name", *step_profile.NCU_METRICS.values()]
+    units = ["", "", "byte/second", "%", "%", "register/thread"]
+    launch = ["0", "_instance_norm_assign_kernel", "1234500000000", "41.5", "22.25", "128"]
+    text = "==PROF== Connected to process 1\n" + "\n".join(
+        ",".join(f'"{cell}"' for cell in line) for line in (header, units, launch)
+    )
+    (kernel,) = step_profile.parse_ncu_csv(text)
+    assert kernel == {
+        "name": "_instance_norm_assign_kernel",
+        "dram_gb_per_s": 1234.5,
+        "sm_throughput_pct": 41.5,
+        "achieved_occupancy_pct": 22.25,
+        "registers_per_thread": 128.0,
+    }
