@@ -38,7 +38,8 @@ from spidr_fast.cli import ArgumentParser, positive, report_user_errors  # noqa:
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
 
 TOP = 25
-NCU_TIMEOUT_S = 120
+NCU_TIMEOUT_S = 45  # inside the profile stage's 100 s, after the profiled steps
+NCU_LAUNCHES = 200  # our ops at the official shapes launch fewer; a cap keeps a surprise from eating the stage
 # ncu's metrics, in the order the results keep them: name in the file -> ncu metric.
 NCU_METRICS = {
     "dram_gb_per_s": "dram__bytes.sum.per_second",
@@ -102,6 +103,8 @@ def ncu_kernels() -> tuple[list[dict], str]:
         "raw",
         "--print-units",
         "base",
+        "--launch-count",
+        str(NCU_LAUNCHES),
         "--metrics",
         ",".join(NCU_METRICS.values()),
         sys.executable,
