@@ -122,7 +122,6 @@ PYBIND11_MODULE(_flash_attn, m) {
   m.attr("cuda_archs") = SPIDR_CUDA_ARCHS;
   m.attr("head_dims") = py::make_tuple(64, 128);
   m.attr("dtypes") = py::make_tuple("bfloat16", "float16");
-  m.attr("block_rows") = 64;
   m.def("forward", &forward, "Forward: out and lse (heads, total_tokens) from packed q, k, v", py::arg("dtype"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"),
         py::arg("key_mask"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("max_seqlen"),

@@ -297,6 +297,41 @@ def test_a_rerun_gives_the_same_bits(device, dropout_p):
         assert torch.equal(first, second)
 
 
+def _dispatched_ops(fn):
+    """The ATen ops (and custom ops) `fn` dispatches, by name, in order, but detach."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ != "detach":  # autograd's bookkeeping, no data
+                names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        result = fn()
+    return names, result
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+def test_an_eager_call_allocates_its_outputs_and_nothing_else(emulated_flash, dropout_p):
+    """The host's work per call is the floor under a short sequence's time (the B48 T250 forward took 0.22 ms on
+    the H100 for a few tens of µs of kernel; docs/flash-attention.md): eager calls skip the custom-op dispatcher
+    and its autograd wrapper, allocate no rng_state without dropout and no zero-filled dQ workspace (the delta
+    kernel zeroes it), and never read a device value on the host."""
+    lengths, heads = [70, 5], 2
+    q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    cu_seqlens, grad_out = cu_seqlens_of(lengths), torch.randn(sum(lengths), heads, 64, dtype=torch.bfloat16)
+    rng_state = torch.tensor([3, 4]) if dropout_p else None
+    forward_ops, out = _dispatched_ops(
+        lambda: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state)
+    )
+    assert forward_ops == ["empty", "empty"]  # out and lse
+    backward_ops, _ = _dispatched_ops(lambda: torch.autograd.grad(out, (q, k, v), grad_out))
+    assert backward_ops == ["empty"] * 5  # dq, dk, dv, delta and the fp32 dQ workspace
+
+
 def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
     lengths, heads = [3, 66], 2
     q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.float16) for _ in "qkv")
@@ -391,7 +426,7 @@ def test_ops_attention_padded_matches_sdpa_on_every_frame(emulated_flash, mask_k
 
 def test_ops_attention_dispatches_padded_inputs_to_the_kernel(emulated_flash, monkeypatch):
     calls = []
-    monkeypatch.setattr(attention_kernel, "_forward_op", _counting(attention_kernel._forward_op, calls))
+    monkeypatch.setattr(attention_kernel, "_forward", _counting(attention_kernel._forward, calls))
     q = torch.randn(2, 9, 2, 64, dtype=torch.float16)
     mask = torch.arange(9) < torch.tensor([9, 4])[:, None]
     out = ops.attention(q, q, q, valid_frames=mask)
@@ -509,7 +544,7 @@ def test_model_attention_goes_through_the_kernel(emulated_flash, monkeypatch):
     model = SpidR(cfg).to(torch.bfloat16).eval()
     waveform = torch.randn(2, 4000, dtype=torch.bfloat16)
     calls = []
-    monkeypatch.setattr(attention_kernel, "_forward_op", _counting(attention_kernel._forward_op, calls))
+    monkeypatch.setattr(attention_kernel, "_forward", _counting(attention_kernel._forward, calls))
     frames = int(num_frames(cfg, torch.tensor(4000)))
     padded = torch.arange(frames) < torch.tensor([frames, frames // 2])[:, None]  # the second clip is shorter
     with torch.no_grad():
@@ -533,8 +568,8 @@ def _counting(fn, calls):
 @pytest.mark.gpu  # the device check's GPU stage selects -m gpu: it must run there (it runs here too, given nvcc)
 @pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_csrc_compiles_for_sm90_without_spills():
-    """nvcc builds every kernel for sm_90 (about 20 s here). ptxas reports no spill for head dim 64 (SpidR's);
-    the head-dim-128 kernels with dropout sit at the 255-register limit and may spill a few bytes."""
+    """nvcc builds every kernel for sm_90 (about 20 s here), and ptxas reports no spill for any of them (the
+    head-dim-128 kernels with dropout sit at 252-254 of the 255 registers)."""
     from spidr_fast import build_extension
 
     _, log = build_extension.build(emulate=False, archs="90", verbose=True)
@@ -546,8 +581,7 @@ def test_csrc_compiles_for_sm90_without_spills():
     )
     assert len(kernels) >= 16, log[-2000:]
     for name, stack, stores, loads in kernels:
-        limit = 0 if "Li64E" in name or "Li128E" not in name else 16
-        assert max(int(stack), int(stores), int(loads)) <= limit, (name, stack, stores, loads)
+        assert max(int(stack), int(stores), int(loads)) == 0, (name, stack, stores, loads)
 
 
 def test_info_reports_the_extension_and_every_op(emulated_flash, capsys):

@@ -1,7 +1,7 @@
 // Flash-attention backward (FlashAttention-2 scheme). A block of 4 warps owns 64 keys of one (sequence, head)
 // and walks the query tiles: each warp recomputes its 16 keys' probabilities Pᵀ from the saved log-sum-exp,
 // accumulates dV and dK in registers, and the block adds its share of dQ into an fp32 buffer with atomics.
-// Two helper kernels: delta = rowsum(dO ∘ O) before, and dQ's rounding to the input dtype after.
+// Two helper kernels: delta = rowsum(dO ∘ O) (and the fp32 dQ buffer zeroed) before, dQ's rounding after.
 #pragma once
 
 #include "forward_kernel.h"
@@ -17,18 +17,46 @@ struct BackwardSmem {
   static constexpr int kBytes = kElements * 2 + 2 * kBlockM * 4;  // + lse and delta of the query tile
 };
 
-template <typename Element>
+// The delta kernel's rows (token, head) per block: each row is HeadDim / 8 lanes of 16 bytes, so a warp reads
+// whole 128-byte lines; 8 passes make a block's work worth its launch.
+constexpr int kDeltaPasses = 8;
+template <int HeadDim>
+constexpr int delta_rows_per_block() {
+  return kThreads / (HeadDim / 8) * kDeltaPasses;
+}
+
+template <typename Element, int HeadDim>
 SPIDR_GLOBAL void flash_backward_delta_kernel(BackwardParams p) {
-  // One thread per (token, head): delta = Σ_d dO·O in fp32.
-  int64_t index = int64_t(block_index().x) * kThreads + thread_index();
-  if (index >= int64_t(p.total_tokens) * p.heads) return;
-  int token = int(index / p.heads), head = int(index % p.heads);
-  const auto* out = static_cast<const uint16_t*>(p.out) + token * p.out_token_stride + head * p.out_head_stride;
-  const auto* grad_out =
-      static_cast<const uint16_t*>(p.grad_out) + token * p.grad_out_token_stride + head * p.grad_out_head_stride;
-  float sum = 0.0f;
-  for (int d = 0; d < p.head_dim; ++d) sum += Element::to_float(out[d]) * Element::to_float(grad_out[d]);
-  p.delta[int64_t(head) * p.total_tokens + token] = sum;
+  // delta = Σ_d dO·O in fp32 per (token, head), and the row's fp32 dQ accumulator zeroed in the same pass (no
+  // separate memset launch before the backward).
+  constexpr int kLanesPerRow = HeadDim / 8;
+  const int64_t rows = int64_t(p.total_tokens) * p.heads;
+  const int part = thread_index() % kLanesPerRow;
+  for (int pass = 0; pass < kDeltaPasses; ++pass) {
+    const int64_t row = int64_t(block_index().x) * delta_rows_per_block<HeadDim>() +
+                        pass * (kThreads / kLanesPerRow) + thread_index() / kLanesPerRow;
+    const bool valid = row < rows;
+    const int token = valid ? int(row / p.heads) : 0, head = valid ? int(row % p.heads) : 0;
+    float sum = 0.0f;
+    if (valid) {
+      uint32_t out[4], grad_out[4];
+      load_16(static_cast<const uint16_t*>(p.out) + token * p.out_token_stride + head * p.out_head_stride + part * 8,
+              out);
+      load_16(static_cast<const uint16_t*>(p.grad_out) + token * p.grad_out_token_stride +
+                  head * p.grad_out_head_stride + part * 8,
+              grad_out);
+      for (int i = 0; i < 8; ++i) {
+        const int shift = (i % 2) * 16;
+        sum += Element::to_float(uint16_t(out[i / 2] >> shift)) * Element::to_float(uint16_t(grad_out[i / 2] >> shift));
+      }
+      const uint32_t zeros[4] = {0, 0, 0, 0};
+      float* accum = p.grad_q_accum + row * HeadDim + part * 8;
+      store_16(accum, zeros);
+      store_16(accum + 4, zeros);
+    }
+    for (int mask = 1; mask < kLanesPerRow; mask *= 2) sum += shfl_xor(sum, mask);  // the row's lanes
+    if (valid && part == 0) p.delta[int64_t(head) * p.total_tokens + token] = sum;
+  }
 }
 
 template <typename Element>

@@ -1,6 +1,7 @@
-// Flash-attention forward (FlashAttention-2 scheme): a block of 4 warps owns 64 query rows of one (sequence,
-// head); each warp owns 16 rows and streams 64-key tiles of K and V through shared memory, with an online
-// softmax in fp32. The logits never reach global memory; the log-sum-exp is saved for the backward.
+// Flash-attention forward (FlashAttention-2 scheme): a block of warps owns 16 query rows per warp of one
+// (sequence, head) and streams 64-key tiles of K and V through shared memory (double-buffered by cp.async), with
+// an online softmax in fp32. The logits never reach global memory; the log-sum-exp is saved for the backward.
+// The output leaves through shared memory in 16-byte coalesced stores.
 #pragma once
 
 #include "params.h"
@@ -9,30 +10,46 @@
 
 namespace spidr {
 
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kBlockM = 64;    // query rows per block (16 per warp)
-constexpr int kBlockN = 64;    // keys per tile
+constexpr int kThreads = 128;  // 4 warps: the backward's blocks, and the delta and dQ kernels'
+constexpr int kBlockM = 64;    // the backward's query tile (16 rows per warp)
+constexpr int kBlockN = 64;    // keys per tile, forward and backward
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Shared-memory tiles are row-major with rows padded by 8 elements (16 bytes), so that the 8 rows an ldmatrix
 // phase reads fall on different banks.
-// The forward double-buffers: K, V and key validity of the next tile load while this one is computed on.
-template <int HeadDim>
-struct ForwardSmem {
-  static constexpr int kStride = HeadDim + 8;  // K and V tiles, (key, dim)
+//
+// The forward's shape per head dim and dropout. Head dim 64 without dropout runs 8 warps on 128 queries: each
+// K/V tile that a block brings into shared memory serves twice the queries of a 4-warp block, so the tile
+// traffic and the barriers per query halve, at the occupancy (16 warps per SM) the 4-warp blocks had. The others
+// keep 4 warps on 64 queries: at their 168-255 registers a thread, an 8-warp block would be alone on its SM
+// (docs/flash-attention.md).
+// The K/V tiles are double-buffered: the next tile loads while this one is computed on; the output leaves
+// through the first stage's buffers at the end.
+template <int HeadDim, bool Dropout>
+struct ForwardConfig {
+  static constexpr int kWarps = HeadDim == 64 && !Dropout ? 8 : 4;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockM = kWarps * 16;  // query rows per block
+  static constexpr int kStride = HeadDim + 8;  // K, V and output tiles, (row, dim)
   static constexpr int kTile = kBlockN * kStride;
   static constexpr int kElements = 4 * kTile;                 // K and V, two stages
   static constexpr int kBytes = kElements * 2 + 2 * kBlockN;  // + one validity byte per key, two stages
+  // Blocks per SM that the registers must allow, 0 for no requirement. Head dim 128 without dropout had 168
+  // registers, three blocks (as many as shared memory allows), until the online softmax started from -inf;
+  // ptxas then picks 184, two blocks, unless asked for three. Head dim 64 without dropout fits two 8-warp
+  // blocks in 128 registers. (A requirement for the others makes them spill.)
+  static constexpr int kMinBlocks = HeadDim == 128 && !Dropout ? 3 : HeadDim == 64 && !Dropout ? 2 : 0;
+  static_assert(kBlockM * kStride <= 2 * kTile, "the output passes through one stage's buffers");
 };
 
-// Copies rows [row0, row0 + 64) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past
-// `rows`, without waiting: the copy lands by wait_async() (load_tile waits at once).
-template <int HeadDim>
+// Copies rows [row0, row0 + Rows) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past
+// `rows`, with Threads threads, without waiting: the copy lands by wait_async() (load_tile waits at once).
+template <int HeadDim, int Rows = kBlockN, int Threads = kThreads>
 SPIDR_DEVICE void load_tile_async(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
                                   int rows) {
   constexpr int kChunksPerRow = HeadDim / 8;
-  for (int chunk = thread_index(); chunk < kBlockN * kChunksPerRow; chunk += kThreads) {
+  for (int chunk = thread_index(); chunk < Rows * kChunksPerRow; chunk += Threads) {
     int row = chunk / kChunksPerRow, column = (chunk % kChunksPerRow) * 8;
     bool valid = row0 + row < rows;
     copy16_async(tile + row * stride + column, source + (valid ? int64_t(row0 + row) * token_stride : 0) + column,
@@ -96,15 +113,11 @@ SPIDR_DEVICE void accumulator_to_a(const float (&lo)[4], const float (&hi)[4], u
   a[3] = Element::pack(hi[2], hi[3]);
 }
 
-// Blocks per SM that the registers must allow, 0 for no requirement. Head dim 128 without dropout had 168
-// registers, three blocks (as many as shared memory allows), until the online softmax started from -inf; ptxas
-// then picks 184, two blocks, unless asked for three. (A requirement of 1 or more for the others changes theirs.)
-constexpr int forward_min_blocks(int head_dim, bool dropout) { return head_dim == 128 && !dropout ? 3 : 0; }
-
 template <typename Element, int HeadDim, bool Dropout>
-SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Dropout))
+SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads),
+                                      (ForwardConfig<HeadDim, Dropout>::kMinBlocks))
     flash_forward_kernel(ForwardParams p) {
-  using Smem = ForwardSmem<HeadDim>;
+  using Config = ForwardConfig<HeadDim, Dropout>;
   constexpr int kKSteps = HeadDim / 16;  // k-steps of the QK^T product
   constexpr int kDimTiles = HeadDim / 8;  // n-tiles of the output
 
@@ -112,7 +125,7 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
   const int head = block.y, sequence = block.z;
   const int start = p.cu_seqlens[sequence];
   const int seqlen = p.cu_seqlens[sequence + 1] - start;
-  const int m0 = block.x * kBlockM;
+  const int m0 = block.x * Config::kBlockM;
   if (m0 >= seqlen) return;  // the whole block leaves together
 
   const int warp = thread_index() / kWarpSize, lane = thread_index() % kWarpSize;
@@ -123,6 +136,17 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
   const auto* k = static_cast<const uint16_t*>(p.k) + int64_t(start) * p.k_token_stride + head * p.k_head_stride;
   const auto* v = static_cast<const uint16_t*>(p.v) + int64_t(start) * p.v_token_stride + head * p.v_head_stride;
 
+  uint16_t* const smem = dynamic_shared_memory();
+  auto* const valid_bytes = reinterpret_cast<uint8_t*>(smem + Config::kElements);
+  auto prefetch = [&](int n0, int stage) {  // issue tile n0 into `stage`; the caller waits and syncs before use
+    load_tile_async<HeadDim, kBlockN, Config::kThreads>(smem + (2 * stage) * Config::kTile, Config::kStride, k,
+                                                        p.k_token_stride, n0, seqlen);
+    load_tile_async<HeadDim, kBlockN, Config::kThreads>(smem + (2 * stage + 1) * Config::kTile, Config::kStride, v,
+                                                        p.v_token_stride, n0, seqlen);
+    commit_async();
+    for (int key = thread_index(); key < kBlockN; key += Config::kThreads)
+      valid_bytes[stage * kBlockN + key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
+  };
   // The warp's 16 query rows as A fragments, loaded once.
   uint32_t q_frag[kKSteps][4];
   SPIDR_UNROLL
@@ -133,16 +157,6 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
       q_frag[kk][r] = row < seqlen ? load_u32(q + int64_t(row) * p.q_token_stride + column) : 0u;
     }
   }
-
-  uint16_t* const smem = dynamic_shared_memory();
-  auto* const valid_bytes = reinterpret_cast<uint8_t*>(smem + Smem::kElements);
-  auto prefetch = [&](int n0, int stage) {  // issue tile n0 into `stage`; the caller waits and syncs before use
-    load_tile_async<HeadDim>(smem + (2 * stage) * Smem::kTile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
-    load_tile_async<HeadDim>(smem + (2 * stage + 1) * Smem::kTile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
-    commit_async();
-    for (int key = thread_index(); key < kBlockN; key += kThreads)
-      valid_bytes[stage * kBlockN + key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
-  };
   prefetch(0, 0);
 
   float acc[kDimTiles][4];
@@ -160,8 +174,8 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
     wait_async();
     sync_block();  // tile n0 is in place for every thread, and no warp still reads the other stage
     if (n0 + kBlockN < seqlen) prefetch(n0 + kBlockN, stage ^ 1);
-    const uint16_t* k_tile = smem + (2 * stage) * Smem::kTile;
-    const uint16_t* v_tile = smem + (2 * stage + 1) * Smem::kTile;
+    const uint16_t* k_tile = smem + (2 * stage) * Config::kTile;
+    const uint16_t* v_tile = smem + (2 * stage + 1) * Config::kTile;
     const uint8_t* key_valid = valid_bytes + stage * kBlockN;
 
     float s[kBlockN / 8][4];
@@ -169,7 +183,7 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
     for (int nt = 0; nt < kBlockN / 8; ++nt)
       for (float& x : s[nt]) x = 0.0f;
     SPIDR_UNROLL
-    for (int kk = 0; kk < kKSteps; ++kk) mma_nk_tile<Element>(s, q_frag[kk], k_tile, Smem::kStride, kk * 16);
+    for (int kk = 0; kk < kKSteps; ++kk) mma_nk_tile<Element>(s, q_frag[kk], k_tile, Config::kStride, kk * 16);
 
     // Online softmax: the new running maximum, the factor that rescales what came before, the new weights.
     // Scaling before masking keeps a masked logit -inf whatever the scale's sign or size.
@@ -224,24 +238,37 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(kThreads, forward_min_blocks(HeadDim, Drop
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       accumulator_to_a<Element>(s[2 * kk], s[2 * kk + 1], a);
-      mma_kn_tile<Element>(acc, a, v_tile, Smem::kStride, kk * 16);
+      mma_kn_tile<Element>(acc, a, v_tile, Config::kStride, kk * 16);
     }
   }
 
-  auto* out = static_cast<uint16_t*>(p.out) + int64_t(start) * p.out_token_stride + head * p.out_head_stride;
+  // The output, normalised, through stage 0's buffers: each lane holds 4-byte pieces of two rows, which as global
+  // stores would touch 8 rows' lines per instruction; from shared memory every thread stores whole 16 bytes.
+  sync_block();  // no warp still reads the last K/V tiles
+  uint16_t* const out_tile = smem;
   SPIDR_UNROLL
   for (int r = 0; r < 2; ++r) {
     float total = row_sum[r];
     total += shfl_xor(total, 1);
     total += shfl_xor(total, 2);
-    if (rows[r] >= seqlen) continue;
     float inverse = total > 0.0f ? (Dropout ? p.keep_scale : 1.0f) / total : 0.0f;  // no valid key: 0
-    uint16_t* out_row = out + int64_t(rows[r]) * p.out_token_stride;
+    uint16_t* tile_row = out_tile + (warp * 16 + g + r * 8) * Config::kStride;
     SPIDR_UNROLL
     for (int dt = 0; dt < kDimTiles; ++dt)
-      store_u32(out_row + dt * 8 + 2 * t, Element::pack(acc[dt][2 * r] * inverse, acc[dt][2 * r + 1] * inverse));
-    if (t == 0) p.lse[int64_t(head) * p.total_tokens + start + rows[r]] = row_max[r] * kLn2 + logf(total);
+      store_u32(tile_row + dt * 8 + 2 * t, Element::pack(acc[dt][2 * r] * inverse, acc[dt][2 * r + 1] * inverse));
+    if (t == 0 && rows[r] < seqlen)
+      p.lse[int64_t(head) * p.total_tokens + start + rows[r]] = row_max[r] * kLn2 + logf(total);
     // (no valid key: lse = -inf, and the backward gives such a row's keys no probability either way)
+  }
+  sync_block();
+  auto* out = static_cast<uint16_t*>(p.out) + int64_t(start) * p.out_token_stride + head * p.out_head_stride;
+  constexpr int kChunksPerRow = HeadDim / 8;
+  for (int chunk = thread_index(); chunk < Config::kBlockM * kChunksPerRow; chunk += Config::kThreads) {
+    const int row = chunk / kChunksPerRow, column = (chunk % kChunksPerRow) * 8;
+    if (m0 + row >= seqlen) break;  // rows only grow with chunk
+    uint32_t words[4];
+    load_16(out_tile + row * Config::kStride + column, words);
+    store_16(out + int64_t(m0 + row) * p.out_token_stride + column, words);
   }
 }
 

@@ -3,6 +3,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "backward_kernel.h"
 #include "forward_kernel.h"
@@ -11,11 +12,11 @@
 namespace spidr {
 
 template <typename Params>
-void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int shared_bytes, uintptr_t stream,
-            const Params& params) {
+void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int threads, int shared_bytes,
+            uintptr_t stream, const Params& params) {
   if (grid_x == 0 || grid_y == 0 || grid_z == 0) return;
 #ifdef SPIDR_EMULATE
-  emu::launch({unsigned(grid_x), unsigned(grid_y), unsigned(grid_z)}, {unsigned(kThreads), 1, 1},
+  emu::launch({unsigned(grid_x), unsigned(grid_y), unsigned(grid_z)}, {unsigned(threads), 1, 1},
               size_t(shared_bytes), [&] { kernel(params); });
 #else
   auto check = [](cudaError_t status, const char* what) {
@@ -24,7 +25,7 @@ void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int shar
   if (shared_bytes > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes),
           "flash attention: shared memory request");
-  kernel<<<dim3(grid_x, grid_y, grid_z), kThreads, shared_bytes, reinterpret_cast<cudaStream_t>(stream)>>>(params);
+  kernel<<<dim3(grid_x, grid_y, grid_z), threads, shared_bytes, reinterpret_cast<cudaStream_t>(stream)>>>(params);
   check(cudaGetLastError(), "flash attention: kernel launch");
 #endif
 }
@@ -33,19 +34,24 @@ inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 template <typename Element, int HeadDim>
 void run_forward(const ForwardParams& p, uintptr_t stream) {
-  auto kernel =
-      p.dropout ? &flash_forward_kernel<Element, HeadDim, true> : &flash_forward_kernel<Element, HeadDim, false>;
-  launch(kernel, ceil_div(p.max_seqlen, kBlockM), p.heads, p.batch, ForwardSmem<HeadDim>::kBytes, stream, p);
+  auto run = [&](auto dropout) {
+    using Config = ForwardConfig<HeadDim, dropout.value>;
+    launch(&flash_forward_kernel<Element, HeadDim, dropout.value>, ceil_div(p.max_seqlen, Config::kBlockM), p.heads,
+           p.batch, Config::kThreads, Config::kBytes, stream, p);
+  };
+  p.dropout ? run(std::true_type{}) : run(std::false_type{});
 }
 
 template <typename Element, int HeadDim>
 void run_backward(const BackwardParams& p, uintptr_t stream) {
   int64_t rows = int64_t(p.total_tokens) * p.heads;
-  launch(&flash_backward_delta_kernel<Element>, ceil_div(rows, kThreads), 1, 1, 0, stream, p);
+  launch(&flash_backward_delta_kernel<Element, HeadDim>, ceil_div(rows, delta_rows_per_block<HeadDim>()), 1, 1,
+         kThreads, 0, stream, p);
   auto kernel =
       p.dropout ? &flash_backward_kernel<Element, HeadDim, true> : &flash_backward_kernel<Element, HeadDim, false>;
-  launch(kernel, ceil_div(p.max_seqlen, kBlockN), p.heads, p.batch, BackwardSmem<HeadDim>::kBytes, stream, p);
-  launch(&flash_backward_grad_q_kernel<Element>, ceil_div(rows * HeadDim, kThreads), 1, 1, 0, stream, p);
+  launch(kernel, ceil_div(p.max_seqlen, kBlockN), p.heads, p.batch, kThreads, BackwardSmem<HeadDim>::kBytes, stream,
+         p);
+  launch(&flash_backward_grad_q_kernel<Element>, ceil_div(rows * HeadDim, kThreads), 1, 1, kThreads, 0, stream, p);
 }
 
 }  // namespace spidr

@@ -42,7 +42,7 @@ struct BackwardParams : AttentionParams {
   int64_t grad_out_token_stride, grad_out_head_stride;
   const float* lse;
   float* delta;        // (heads, total_tokens) workspace: rowsum(grad_out * out)
-  float* grad_q_accum; // (total_tokens, heads, head_dim) fp32 workspace, zeroed by the caller
+  float* grad_q_accum; // (total_tokens, heads, head_dim) fp32 workspace, zeroed by the delta kernel
   void* grad_q;
   void* grad_k;
   void* grad_v;

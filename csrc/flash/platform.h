@@ -97,6 +97,24 @@ SPIDR_DEVICE void store_u32(uint16_t* address, uint32_t word) {
 #endif
 }
 
+// 16 bytes (8 elements, or 4 floats) at a 16-byte aligned address, global or shared: one vector access.
+SPIDR_DEVICE void load_16(const void* address, uint32_t (&words)[4]) {
+#ifdef SPIDR_EMULATE
+  std::memcpy(words, address, 16);
+#else
+  const uint4 vector = *reinterpret_cast<const uint4*>(address);
+  words[0] = vector.x, words[1] = vector.y, words[2] = vector.z, words[3] = vector.w;
+#endif
+}
+
+SPIDR_DEVICE void store_16(void* address, const uint32_t (&words)[4]) {
+#ifdef SPIDR_EMULATE
+  std::memcpy(address, words, 16);
+#else
+  *reinterpret_cast<uint4*>(address) = make_uint4(words[0], words[1], words[2], words[3]);
+#endif
+}
+
 SPIDR_DEVICE uint32_t pair_of(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
 // 16 bytes from global to shared memory without a trip through registers, zeros when !valid (then `source` is

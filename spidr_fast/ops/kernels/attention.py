@@ -3,7 +3,8 @@ with autograd.
 
     q, k, v      (total_tokens, heads, head_dim)  bfloat16 or float16, head_dim 64 or 128
     cu_seqlens   (B + 1,) int32                    sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1])
-    rng_state    (2,) int64 [seed, offset]         dropout's Philox key and counter offset; drawn per call
+    rng_state    (2,) int64 [seed, offset]         dropout's Philox key and counter offset; drawn per call, None
+                                                   without dropout
 
 The inputs are trusted: `ops.attention` checks them, and `unsupported_reason` decides once per call whether the
 extension runs; the extension's own checks (csrc/bindings.cpp) are the last line. The compiled module
@@ -84,10 +85,9 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-@torch.library.custom_op("spidr_fast::flash_attention_forward", mutates_args=())
-def _forward_op(
+def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None,
-    rng_state: torch.Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float,
+    rng_state: torch.Tensor | None, max_seqlen: int, dropout_p: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
     q, k, v = (aligned(t) for t in (q, k, v))
@@ -96,9 +96,33 @@ def _forward_op(
     _extension.forward(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), lse.data_ptr(), cu_seqlens.data_ptr(),
         _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale, dropout_p,
-        rng_state.data_ptr(), _stream(q),
+        _address(rng_state), _stream(q),
     )
     return out, lse
+
+
+def _backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None, rng_state: torch.Tensor | None, max_seqlen: int,
+    dropout_p: float, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total, heads, head_dim = q.shape
+    grad_out, q, k, v, out = (aligned(t) for t in (grad_out, q, k, v, out))
+    grad_q, grad_k, grad_v = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in "qkv")
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    grad_q_accum = torch.empty((total, heads, head_dim), dtype=torch.float32, device=q.device)  # zeroed by the kernels
+    _extension.backward(
+        _dtype_name(q), _view(q), _view(k), _view(v), _view(out), _view(grad_out), lse.data_ptr(),
+        delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
+        cu_seqlens.data_ptr(), _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total,
+        softmax_scale, dropout_p, _address(rng_state), _stream(q),
+    )
+    return grad_q, grad_k, grad_v
+
+
+# The same two functions as custom ops, for torch.compile: their fake implementations give the traced shapes.
+_forward_op = torch.library.custom_op("spidr_fast::flash_attention_forward", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("spidr_fast::flash_attention_backward", _backward, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -106,53 +130,40 @@ def _(q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_s
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("spidr_fast::flash_attention_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None, rng_state: torch.Tensor, max_seqlen: int,
-    dropout_p: float, softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    total, heads, head_dim = q.shape
-    grad_out, q, k, v, out = (aligned(t) for t in (grad_out, q, k, v, out))
-    grad_q, grad_k, grad_v = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in "qkv")
-    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    grad_q_accum = torch.zeros((total, heads, head_dim), dtype=torch.float32, device=q.device)
-    _extension.backward(
-        _dtype_name(q), _view(q), _view(k), _view(v), _view(out), _view(grad_out), lse.data_ptr(),
-        delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
-        cu_seqlens.data_ptr(), _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total,
-        softmax_scale, dropout_p, rng_state.data_ptr(), _stream(q),
-    )
-    return grad_q, grad_k, grad_v
-
-
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, key_mask, rng_state)
-    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+class _FlashAttention(torch.autograd.Function):
+    """Eager calls go straight to `_forward` and `_backward`: torch.library's custom-op path (dispatcher, its
+    autograd wrapper, argument re-binding) costs 3-4x the launch itself on the host, more than a short sequence's
+    forward takes on the GPU (docs/flash-attention.md). While torch.compile traces, the custom ops stand in."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale):
+        forward = _forward_op if torch.compiler.is_compiling() else _forward
+        out, lse = forward(q, k, v, cu_seqlens, key_mask, rng_state, max_seqlen, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_mask, rng_state)
+        ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, key_mask, rng_state = ctx.saved_tensors
+        backward = _backward_op if torch.compiler.is_compiling() else _backward
+        grad_q, grad_k, grad_v = backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, key_mask, rng_state, ctx.max_seqlen, ctx.dropout_p,
+            ctx.softmax_scale,
+        )
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, key_mask, rng_state = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _backward_op(
-        grad_out, q, k, v, out, lse, cu_seqlens, key_mask, rng_state, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale
-    )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _rng_state(q: torch.Tensor, dropout_p: float, rng_state: torch.Tensor | None) -> torch.Tensor:
+def _rng_state(q: torch.Tensor, dropout_p: float, rng_state: torch.Tensor | None) -> torch.Tensor | None:
     if rng_state is None:
         if dropout_p > 0:  # from torch's generator on q's device: torch.manual_seed reproduces a run
             return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=q.device)
-        return torch.zeros(2, dtype=torch.int64, device=q.device)
+        return None  # no dropout, no generator state: nothing to allocate
     # Not an argument of ops.attention: checked here, where it enters.
     check_tensor("rng_state", rng_state, dtypes=(torch.int64,))
     check_shape("rng_state", rng_state, (2,), meaning="[seed, offset]")
@@ -187,8 +198,7 @@ def flash_attention_varlen(
     """
     scale = _softmax_scale(q, softmax_scale)
     rng_state = _rng_state(q, dropout_p, rng_state)
-    out, _ = _forward_op(q, k, v, cu_seqlens, None, rng_state, max_seqlen, float(dropout_p), scale)
-    return out
+    return _FlashAttention.apply(q, k, v, cu_seqlens, None, rng_state, max_seqlen, float(dropout_p), scale)
 
 
 def flash_attention_padded(
@@ -219,7 +229,7 @@ def flash_attention_padded(
     cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=q.device)
     scale = _softmax_scale(q, softmax_scale)
     rng_state = _rng_state(q, dropout_p, rng_state)
-    out, _ = _forward_op(*packed, cu_seqlens, key_mask, rng_state, frames, float(dropout_p), scale)
+    out = _FlashAttention.apply(*packed, cu_seqlens, key_mask, rng_state, frames, float(dropout_p), scale)
     return out.view(q.shape)
 
 
