@@ -29,8 +29,10 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     names = [
         "instance_norm_stats",
+        "codebook_centroids",
         "codebook_assign[l2]",
         "codebook_assign[cosine]",
+        "codebook_assign[l2,config 1]",
         "codebook_statistics[deterministic]",
         "codebook_ema_update",
         "heads_forward[bf16]",
@@ -47,6 +49,27 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     for row in report:
         assert row["spill_bytes"] == 0, row
         assert row["registers"] <= 255 and row["shared_bytes"] <= kernel_report.SHARED_MEMORY_LIMIT[row["target"]]
+
+
+def test_assign_kernel_compiles_the_frame_index_assert_in():
+    """An out-of-range frame_index must stop the assignment on a GPU (a device assert, no host sync), which a launch
+    compiles in only with debug=True: the interpreter ignores device asserts, so the compiled code is the check."""
+    pytest.importorskip("triton")
+    script = (
+        "import triton\n"
+        "from triton.compiler import ASTSource\n"
+        "from spidr_fast.ops import kernel_report\n"
+        "for name, kernel, signature, constexprs, options in kernel_report.kernel_specs(9):\n"
+        "    if name.startswith('codebook_assign'):\n"
+        "        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)\n"
+        "        ptx = triton.compile(source, target=kernel_report.TARGETS['sm_90'], options=options).asm['ptx']\n"
+        "        print(name, '__assertfail' in ptx)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines and all(line.endswith(" True") for line in lines), lines
 
 
 def test_model_with_triton_kernels_compiles_with_fullgraph(triton_device):

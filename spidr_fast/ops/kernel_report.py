@@ -44,12 +44,14 @@ def _signature(kernel: triton.JITFunction, pointers: dict[str, torch.dtype], flo
 
 def _split(config: dict) -> tuple[dict, dict]:
     """A launcher's config → (constexprs, compile options)."""
-    options = {key: config.pop(key) for key in ("num_warps", "num_stages", "debug", "sanitize_overflow") if key in config}
+    keys = ("num_warps", "num_stages", "debug", "sanitize_overflow")
+    options = {key: config.pop(key) for key in keys if key in config}
     return config, options
 
 
-def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]:
-    """(name, kernel, signature, constexprs, options) of each kernel as the launchers call it at SpidR shapes."""
+def kernel_specs(capability: int) -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]:
+    """(name, kernel, signature, constexprs, options) of each kernel as the launchers call it at SpidR shapes on a
+    GPU of this compute capability (major)."""
     bf16, fp32, i64 = torch.bfloat16, torch.float32, torch.int64
     rows = dict(x_ptr=bf16, index_ptr=i64, mean_ptr=fp32, rstd_ptr=fp32)
     stats = dict(labels_ptr=i64, batch_counts_ptr=fp32, batch_sums_ptr=fp32)
@@ -66,7 +68,7 @@ def kernel_specs() -> Iterator[tuple[str, triton.JITFunction, dict, dict, dict]]
 
     kernel = codebook._assign_kernel
     flags = dict(GATHER=True, NORMALIZE=True, ATOMIC_STATS=True)
-    for i, config in enumerate(codebook.assign_configs(NUM_CODEWORDS, DIM)):  # each one autotune may pick
+    for i, config in enumerate(codebook.assign_configs(capability)):  # each one autotune may pick there
         config, options = _split(config)
         for metric in ("l2", "cosine") if i == 0 else ("l2",):
             constexprs = dict(COSINE=metric == "cosine", **flags, **config)
@@ -145,7 +147,7 @@ def compile_all() -> list[dict]:
         raise RuntimeError("run without TRITON_INTERPRET=1: the interpreter does not compile kernels")
     report = []
     for target_name, target in TARGETS.items():
-        for name, kernel, signature, constexprs, options in kernel_specs():
+        for name, kernel, signature, constexprs, options in kernel_specs(target.arch // 10):
             # What a launch specialises on: arguments that are multiples of 16 (aligned pointers, channel counts)
             # let the loads vectorise and the loops pipeline, which changes registers and shared memory.
             aligned = options.pop("divisible_by_16", ())
