@@ -16,7 +16,6 @@ occupancy (%) and registers per thread. A step or an ncu run that fails keeps it
 import argparse
 import copy
 import csv
-import dataclasses
 import io
 import os
 import shutil
@@ -33,7 +32,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/step_profile.py` from a checkout
 
 from benchmarks.common import Results, import_official, measure_peaks, on_backend, try_run  # noqa: E402
-from benchmarks.train_step import SMOKE_CONFIG, make_batch, make_step  # noqa: E402
+from benchmarks.train_step import SMOKE_CONFIG, make_batch, make_step, official_spidr  # noqa: E402
 from spidr_fast.cli import ArgumentParser, positive, report_user_errors  # noqa: E402
 from spidr_fast.models import SpidR, SpidRConfig  # noqa: E402
 
@@ -197,13 +196,7 @@ def main(argv: list[str] | None = None) -> Results:
         return on_backend(None, make_step(model, batch, torch.bfloat16))
 
     def official_eager():
-        if official is None:
-            raise ImportError("the official spidr 0.2.0 package is not importable (carry its wheel)")
-        from spidr.config import SpidRConfig as OfficialConfig
-
-        model = official.models.SpidR(OfficialConfig(**dataclasses.asdict(cfg))).to(device).train()
-        model.load_state_dict(template.state_dict(), strict=True)
-        return make_step(model, batch, torch.bfloat16)
+        return make_step(official_spidr(official, template), batch, torch.bfloat16)
 
     ours_name = "ours eager (default ops; smoke: nothing compiled)" if smoke else "ours compiled (default ops)"
     steps: dict[str, list[dict]] = {}

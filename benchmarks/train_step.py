@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -219,6 +220,19 @@ def breakdown(model, batch: Batch, dtype: torch.dtype, device: torch.device) -> 
     return timer.milliseconds()
 
 
+def official_spidr(official: ModuleType | None, ours: SpidR) -> torch.nn.Module:
+    """The official spidr 0.2.0 SpidR of `ours`'s config and weights, on its device, in training mode. Without the
+    package (`official` None) it raises: the official rows are the baselines, and each fails without it."""
+    if official is None:
+        raise ImportError("the official spidr 0.2.0 package is not importable (carry its wheel)")
+    from spidr.config import SpidRConfig as OfficialConfig
+
+    device = next(ours.parameters()).device
+    model = official.models.SpidR(OfficialConfig(**dataclasses.asdict(ours.cfg))).to(device).train()
+    model.load_state_dict(ours.state_dict(), strict=True)
+    return model
+
+
 def main(argv: list[str] | None = None) -> Results:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch (the default without a GPU)")
@@ -265,12 +279,7 @@ def main(argv: list[str] | None = None) -> Results:
 
     def official_model(compile_dynamic: bool | None, frozen: bool = False):
         def build():
-            if official is None:  # the official rows are the baselines: each fails without the package
-                raise ImportError("the official spidr 0.2.0 package is not importable (carry its wheel)")
-            from spidr.config import SpidRConfig as OfficialConfig
-
-            model = official.models.SpidR(OfficialConfig(**dataclasses.asdict(cfg))).to(device).train()
-            model.load_state_dict(ours_template.state_dict(), strict=True)
+            model = official_spidr(official, ours_template)
             if frozen:
                 model.freeze_extractor()
             if compile_dynamic is not None:
