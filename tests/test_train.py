@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, tiny_cli_args, tiny_config
@@ -353,6 +354,37 @@ def test_a_damaged_checkpoint_that_cannot_be_renamed_holds_no_kept_slot(tmp_path
     checkpointer.save(150, lambda: {"step": 150})
     checkpointer.save(160, lambda: {"step": 160})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000100.pt", "step_00000160.pt", "step_00000200.pt"]
+
+
+def test_bad_files_in_a_validation_manifest_are_skipped_named_and_counted(tmp_path, caplog):
+    """Truncated, NaN-filled and missing files among a labelled validation set: each is named, counted once, and
+    the unit quality and the MFCC baseline are scored on the other files. Before, the unit-quality pass raised."""
+    import soundfile
+
+    from spidr_fast.data.loading import DataConfig
+    from spidr_fast.data.masking import MaskingConfig
+    from spidr_fast.data.synthetic import SyntheticCorpus
+    from spidr_fast.train.validation import validate
+
+    manifest = SyntheticCorpus(num_utterances=3, min_seconds=1.0, max_seconds=1.5).write(tmp_path / "corpus")
+    wav = tmp_path / "corpus" / "wav"
+    good, _ = soundfile.read(wav / "utt00000.wav", dtype="float32")
+    soundfile.write(wav / "truncated.wav", good[:1_000], 16_000)
+    soundfile.write(wav / "nan.wav", np.full(len(good), np.nan, dtype=np.float32), 16_000, subtype="FLOAT")
+    bad = ["truncated", "nan", "missing"]
+    alignments = tmp_path / "corpus" / "alignments.jsonl"
+    phones = json.loads(alignments.read_text().splitlines()[0])["phones"]
+    with manifest.open("a") as f, alignments.open("a") as g:
+        for name in bad:
+            f.write(f"wav/{name}.wav\t{len(good)}\n")
+            g.write(json.dumps({"fileid": name, "phones": phones}) + "\n")
+    cfg = DataConfig(manifest=str(manifest), alignments_path=str(alignments), num_workers=0, min_sample_size=8_000)
+    model = build_model(cfg=tiny_config().model, model_type="spidr")  # 20 ms frames, as the labels
+    results = validate(model, cfg, MaskingConfig(), torch.device("cpu"), torch.float32)
+    assert results["skipped_files"] == len(bad)
+    for name in bad:
+        assert f"skipping unusable audio {wav / name}.wav" in caplog.text
+    assert 0 <= results["codebooks"]["pnmi"] <= 1 and 0 <= results["baseline"]["pnmi"] <= 1
 
 
 def test_unreadable_audio_is_skipped_and_counted(tmp_path):

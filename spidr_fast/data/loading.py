@@ -9,6 +9,7 @@ decodes just the samples its crop keeps (FLAC and WAV seek by sample). With `nor
 decoded: the official recipe normalises over the whole utterance, and the crop's own statistics would differ.
 """
 
+import copy
 import logging
 import os
 from collections.abc import Iterator
@@ -90,6 +91,12 @@ class AudioSource:
 
     def name(self, index: int) -> str:
         return str(self.entries[index].path)
+
+    def subset(self, indices: list[int]) -> "AudioSource":
+        """The utterances at `indices`, in that order."""
+        chosen = copy.copy(self)
+        chosen.entries = [self.entries[i] for i in indices]
+        return chosen
 
     def load(self, index: int, start: int = 0, num_samples: int = -1, out: np.ndarray | None = None) -> np.ndarray:
         """Samples [start, start + num_samples) of the utterance (to its end with -1), float32; decoded into `out`

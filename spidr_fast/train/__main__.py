@@ -131,6 +131,8 @@ def print_summary(summary: dict[str, Any], export: Path | None, plot: Path | Non
         lines.append(f"excluded: {excluded['file']} ({excluded['reason']})")
     for name, result in (summary.get("validation") or {}).items():
         line = f"validation [{name}]: loss {result['loss']:.4f}"
+        if result["skipped_files"]:
+            line += f" ({result['skipped_files']} unreadable files skipped)"
         for kind, what in (("heads", "student's head units"), ("codebooks", "teacher's codebook units")):
             if kind in result:
                 line += f"\n  {what + ':':26} {describe(result[kind])}, best: {result[kind]['best_layer']}"

@@ -9,11 +9,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from spidr_fast.baseline import mfcc_kmeans_quality
 from spidr_fast.data.alignments import read_alignments
-from spidr_fast.data.loading import AudioSource, DataConfig, SyntheticSource, build_loader, build_source
+from spidr_fast.data.loading import (
+    AudioSource,
+    Clip,
+    DataConfig,
+    SpeechDataset,
+    SyntheticSource,
+    build_loader,
+    build_source,
+)
 from spidr_fast.data.masking import MaskingConfig
 from spidr_fast.data.synthetic import PHONES
 from spidr_fast.distributed import wait_for_main_rank
@@ -51,13 +58,16 @@ def validate(
     dtype: torch.dtype,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any] | None:
-    """The results, or None when `should_stop()` became true before the end (checked at every batch and file)."""
+    """The results, or None when `should_stop()` became true before the end (checked at every batch and file).
+    A file that cannot be used (missing, undecodable, truncated, non-finite, not 16 kHz mono) is skipped with a
+    warning naming it, as in training, and counted in `skipped_files`; the scores are those of the other files."""
     model.eval()
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
-    loss_sum, frames, target_ppl, pred_ppl, batches = 0.0, 0, 0.0, 0.0, 0
+    loss_sum, frames, target_ppl, pred_ppl, batches, skipped = 0.0, 0, 0.0, 0.0, 0, 0
     for batch in build_loader(cfg, masking, partial(num_frames, model.cfg)):
         if should_stop():
             return None
+        skipped += batch.skipped
         if not batch.waveforms.shape[0]:
             continue
         batch = batch.to(device)
@@ -73,6 +83,7 @@ def validate(
         "loss": loss_sum / max(frames, 1),
         "target_ppl": target_ppl / max(batches, 1),
         "pred_ppl": pred_ppl / max(batches, 1),
+        "skipped_files": skipped,  # each unusable file once: the pass below skips the same ones
     }
 
     source = build_source(cfg)
@@ -81,12 +92,16 @@ def validate(
         phones, num_phones = labels
         units: dict[str, list[np.ndarray]] = {}  # "heads/layer_i" and "codebooks/layer_i" → units per file
         first_head = len(model.student.layers) - model.num_codebooks
+        decoder = SpeechDataset(source, normalize=cfg.normalize)  # its checks and warnings, as in training
+        kept = []
         for i in range(len(source)):
             if should_stop():
                 return None
-            waveform = torch.from_numpy(np.ascontiguousarray(source.load(i))).to(device)
-            if cfg.normalize:
-                waveform = F.layer_norm(waveform, waveform.shape)
+            waveform = decoder[Clip(i, 0, source.num_samples(i), torch.empty(0))]
+            if waveform is None:
+                continue
+            kept.append(i)
+            waveform = waveform.to(device)
             with autocast:
                 probs = model.get_codebooks(waveform.unsqueeze(0))[first_head:]
                 targets = model.get_targets(waveform.unsqueeze(0))
@@ -95,6 +110,8 @@ def validate(
                     p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy()
                 )
                 units.setdefault(f"codebooks/layer_{first_head + j}", []).append(t[0].cpu().numpy())
+        if len(kept) < len(source):  # only a manifest's files can be unusable: `source` is an AudioSource
+            phones, source = [phones[i] for i in kept], source.subset(kept)
         quality = {
             name: {
                 **unit_quality(joint_counts(phones, u, num_phones, model.cfg.codebook_size)),
