@@ -45,6 +45,14 @@ def test_fused_heads_are_the_op_with_shared_or_per_head_inputs():
     assert heads.weight.grad.shape == (3, 9, 16) and heads.bias.grad.shape == (3, 9)
 
 
+def test_fused_heads_pass_their_ignore_index():
+    heads = FusedHeads(2, 16, 9, ignore_index=4)
+    x, labels = torch.randn(2, 23, 16), torch.randint(0, 9, (2, 23))
+    expected = ops.heads_cross_entropy(x, heads.weight, heads.bias, labels, ignore_index=4)
+    for got, want in zip(heads(x, labels), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # --- OnlineCodebook -------------------------------------------------------------------------------------------------
 
 
