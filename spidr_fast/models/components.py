@@ -100,14 +100,19 @@ class FeatureProjection(nn.Module):
 
 
 class ConvPositionalEmbedding(nn.Module):
-    """A stack of `depth` grouped convolutions, each followed by a parameter-free LayerNorm and GELU."""
+    """A stack of `depth` grouped convolutions, each followed by a parameter-free LayerNorm and GELU.
+
+    Channels-last throughout, where the official transposes around every LayerNorm: each convolution runs on the
+    (B, D, 1, T) view of the (B, T, D) activations, which is the channels_last layout, with a channels_last weight,
+    so cuDNN (and oneDNN on a CPU) convolve without a transpose and return (B, T, D) memory; the LayerNorm is then
+    over the contiguous last dimension. Same parameters, same math as the official Conv1d stack."""
 
     def __init__(self, embed_dim: int, kernel_size: int, groups: int, depth: int) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         layer_kernel_size = max(3, kernel_size // depth)
         self.trim_last = layer_kernel_size % 2 == 0  # an even kernel with "same" padding makes one extra frame
-        self.layer_norm = ChannelLayerNorm(embed_dim, elementwise_affine=False)
+        self.layer_norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
         self.convs = nn.ModuleList(
             nn.Conv1d(embed_dim, embed_dim, layer_kernel_size, padding=layer_kernel_size // 2, groups=groups)
             for _ in range(depth)
@@ -115,18 +120,18 @@ class ConvPositionalEmbedding(nn.Module):
 
     def forward(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
         """x (B, T, D); frame_mask (B, T) bool, True on real frames, or None."""
-        mask = None if frame_mask is None else frame_mask.unsqueeze(1).to(x.dtype)
-        x = x.transpose(1, 2)
+        mask = None if frame_mask is None else frame_mask.unsqueeze(-1).to(x.dtype)
         for conv in self.convs:
             if mask is not None:
                 x = x * mask
-            x = conv(x)
+            weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            x = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight, conv.bias, padding=(0, conv.padding[0]),
+                         groups=conv.groups)  # fmt: skip
+            x = x.squeeze(2).transpose(1, 2)
             if self.trim_last:
-                x = x[..., :-1]
+                x = x[:, :-1]
             x = F.gelu(self.layer_norm(x))
-        if mask is not None:
-            x = x * mask
-        return x.transpose(1, 2)
+        return x if mask is None else x * mask
 
 
 class SelfAttention(nn.Module):
