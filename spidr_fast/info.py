@@ -12,6 +12,7 @@ import torch
 
 import spidr_fast
 from spidr_fast.ops import _dispatch
+from spidr_fast.ops.feature_extractor import GROUP_NORM_REASON
 from spidr_fast.ops.kernels import attention as attention_kernel
 
 
@@ -52,6 +53,7 @@ def report() -> dict[str, object]:
         elif device.type == "cuda":  # the measurement behind the choice, or why there is none
             backend = f"{backend} ({_dispatch.gpu_default(op, _dispatch.card_family(device))[1]})"
         info[f"op {op}"] = backend
+    info["op feature_extractor, group_norm mode"] = f"reference ({GROUP_NORM_REASON})"
     return info
 
 

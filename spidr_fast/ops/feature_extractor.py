@@ -34,8 +34,8 @@ from spidr_fast.ops._dispatch import custom_op, implementation, register
 
 MODES = ("layer_norm", "group_norm")
 GROUP_NORM_REASON = (
-    "group_norm mode runs the reference: its first layer normalises each channel over time, a reduction across the "
-    "rows of the channels-last buffer, not along them (a tenth of the official configs' FLOPs are in that layer)"
+    "its first layer normalises each channel over time: a reduction across the rows of the channels-last buffer, "
+    "not along them"
 )
 
 
