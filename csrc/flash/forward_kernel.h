@@ -49,6 +49,9 @@ template <int HeadDim, int Rows = kBlockN, int Threads = kThreads>
 SPIDR_DEVICE void load_tile_async(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
                                   int rows) {
   constexpr int kChunksPerRow = HeadDim / 8;
+  // Rolled: unrolled, ptxas keeps every copy's 64-bit source address live through the tile loop (the 8-warp
+  // forward then spilled 36 bytes on sm_80, and the dropout kernels held 16 more registers).
+  SPIDR_NO_UNROLL
   for (int chunk = thread_index(); chunk < Rows * kChunksPerRow; chunk += Threads) {
     int row = chunk / kChunksPerRow, column = (chunk % kChunksPerRow) * 8;
     bool valid = row0 + row < rows;

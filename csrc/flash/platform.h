@@ -16,6 +16,7 @@
 #define SPIDR_LAUNCH_BOUNDS(threads, min_blocks)
 #define SPIDR_RESTRICT
 #define SPIDR_UNROLL
+#define SPIDR_NO_UNROLL
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +27,7 @@
 #define SPIDR_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
 #define SPIDR_RESTRICT __restrict__
 #define SPIDR_UNROLL _Pragma("unroll")  // fixed-size register arrays must not spill to local memory
+#define SPIDR_NO_UNROLL _Pragma("unroll 1")  // a loop whose unrolled copies would each hold their own addresses
 #endif
 
 namespace spidr {
