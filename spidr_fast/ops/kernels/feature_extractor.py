@@ -39,8 +39,11 @@ def _conv_forward_kernel(
 ):
     """pre[r, n] = Σ_q x_flat[r·row_step + q] · w[n, q], q < reduction (= k·C_in); w is (C_out, k·C_in). Rows from
     num_full_rows on, whose fields run past the buffer (padding rows of the last batch element), read zeros."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The column tiles of one row block are consecutive programs, so they run together and read its A rows (the
+    # large operand) from L2 instead of once each from memory.
+    column_tiles = tl.cdiv(out_channels, BLOCK_N)
+    rows = (tl.program_id(0) // column_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % column_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < num_full_rows, cols < out_channels
     q = tl.arange(0, BLOCK_K)
     # Row starts in int64 (12 × 20 s of 512 channels overflows int32); the masks are per row and per column only,
@@ -71,8 +74,9 @@ def _conv_input_grad_kernel(
     """grad_x viewed as frames (rows_out, stride·C_in): frame u, value j receives, from each tap group g,
     Σ_n grad_pre[u - g, n] · w[n, g·stride·C_in + j] (the groups' receptive fields tile the input); rows from
     num_full_rows on read zeros in the forward and send nothing back."""
-    frames = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_tiles = tl.cdiv(frame_width, BLOCK_N)  # consecutive programs share their grad_pre rows, as above
+    frames = (tl.program_id(0) // column_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % column_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for group in tl.static_range(NUM_GROUPS):
         sources = frames - group
@@ -205,7 +209,7 @@ def _conv_layer_triton(
         return y, pre
     reduction = kernel * in_channels
     config = _gemm_config(x.dtype, reduction)
-    grid = (triton.cdiv(rows_out, config["BLOCK_M"]), triton.cdiv(out_channels, config["BLOCK_N"]))
+    grid = (triton.cdiv(rows_out, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
     _conv_forward_kernel[grid](x, w, bias if bias is not None else w, pre, rows_out,
                                full_rows(x.numel(), stride * in_channels, reduction, rows_out), stride * in_channels,
                                reduction, out_channels, HAS_BIAS=bias is not None, **config)
@@ -246,7 +250,7 @@ def _conv_layer_backward_triton(
         grad_x = torch.empty_like(x)
         frame_width, reduction = stride * in_channels, kernel * in_channels
         config = _gemm_config(x.dtype, out_channels)
-        grid = (triton.cdiv(rows_out, config["BLOCK_M"]), triton.cdiv(frame_width, config["BLOCK_N"]))
+        grid = (triton.cdiv(rows_out, config["BLOCK_M"]) * triton.cdiv(frame_width, config["BLOCK_N"]),)
         if rows_out > 0:
             full = full_rows(x.numel(), frame_width, reduction, rows_out)
             _conv_input_grad_kernel[grid](grad_pre, gemm_weight(weight).contiguous(), grad_x, rows_out, full,
