@@ -60,6 +60,10 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor} TRITO
 SITE="$SCRATCH/site" LINES="$SCRATCH/stages" SUMMARY="$RESULTS/summary.txt"
 : > "$LINES"
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The rehearsal leaves the sm_90 build test to CI's own run of the suite: minutes of nvcc on a CPU runner.
+DESELECT=""
+[[ -z $REHEARSE ]] || DESELECT="--deselect tests/test_kernels_attention.py::test_csrc_compiles_for_sm90_without_spills"
+export DESELECT
 if [[ -n $REHEARSE ]]; then
   # The GPU machine lacks these; here they are made unimportable, so a stage that needs one fails in the rehearsal.
   for missing in soundfile nvtx; do
@@ -151,7 +155,7 @@ info.main()'
 # Every gpu test, then the Triton kernels' own tests (on CUDA when there is one); the second runs even when the first
 # fails. Under SPIDR_FAST_REQUIRE_GPU=1 a gpu test that skips fails (tests/conftest.py).
 GPU_TESTS='XDIST=$(python3 -c "import xdist" 2> /dev/null && echo "-n 4")
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_attention.py tests/test_gpu_parity.py; first=$?
+python3 -m pytest -q -p no:cacheprovider -m gpu $DESELECT tests/test_kernels_attention.py tests/test_gpu_parity.py; first=$?
 python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels_codebook.py tests/test_kernels_heads_cross_entropy.py; second=$?
 exit $((first | second))'
 
