@@ -217,7 +217,8 @@ def trained_codebook(rows: torch.Tensor, num_codewords: int, steps: int = 6) -> 
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to TF32 (ties away from zero), as plain "tf32" tensor-core products read an fp32 operand."""
+    """x rounded to TF32 (ties away from zero): plain TF32 products of rounded operands, the control. (Plain "tf32"
+    on a GPU reads an fp32 operand's top 19 bits, which errs more.)"""
     return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
