@@ -71,3 +71,64 @@ def test_expanded_input_and_autocast(triton_device):
     assert weight.grad.dtype == torch.float32
     expected, _ = ops.heads_cross_entropy(x, weight, bias, labels)
     torch.testing.assert_close(loss, expected, rtol=TOLERANCES[torch.bfloat16], atol=TOLERANCES[torch.bfloat16])
+
+
+# The kernels' tile boundaries (kernels/heads_cross_entropy.py: 64 rows, 32 in fp32; the forward's codeword tile up
+# to 256; the backward's 256 or 128 codewords; 32 or 16 channels per step, 32 or 16 for dx and dW): a last row
+# block of one row, codewords one past a tile (a second, one-codeword tile: the online log-sum-exp, the forward's
+# second sweep and dx added over codeword tiles), one short of a tile, channels not a multiple of any channel step.
+BOUNDARY_CASES = [  # (N, K, D, dtype)
+    (65, 257, 47, torch.bfloat16),
+    (33, 129, 33, torch.float32),
+    (97, 255, 70, torch.float16),
+]
+
+
+@pytest.mark.parametrize(("num_rows", "num_codewords", "dim", "dtype"), BOUNDARY_CASES)
+def test_heads_kernel_tile_boundaries(triton_device, num_rows, num_codewords, dim, dtype):
+    """Loss, mean_probs and every gradient against float64 autograd, with ignored labels in every row block."""
+    num_layers, ignore_index = 2, -100
+    x = torch.randn(num_layers, num_rows, dim, dtype=torch.float64)
+    weight = torch.randn(num_layers, num_codewords, dim, dtype=torch.float64) / dim**0.5
+    bias = torch.randn(num_layers, num_codewords, dtype=torch.float64)
+    labels = torch.randint(0, num_codewords, (num_layers, num_rows))
+    labels[:, -1] = num_codewords - 1  # the last codeword of the last tile, in the last row block
+    labels[:, ::7] = ignore_index
+    inputs = [t.to(triton_device, dtype).requires_grad_() for t in (x, weight, bias)]
+    exact = [t.to(dtype).double().requires_grad_() for t in (x, weight, bias)]
+
+    loss, mean_probs = ops.heads_cross_entropy(*inputs, labels.to(triton_device), ignore_index=ignore_index)
+    logits = torch.einsum("lnd,lkd->lnk", exact[0], exact[1]) + exact[2].unsqueeze(1)
+    kept = labels != ignore_index
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore_index, reduction="none")
+    expected_loss = nll.mean(0)
+    expected_probs = (torch.softmax(logits, -1) * kept.unsqueeze(-1)).sum(1) / kept.sum(1, keepdim=True)
+
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(mean_probs.double().cpu(), expected_probs.detach(), rtol=tol, atol=tol)
+    grad_out = torch.randn(num_rows, dtype=torch.float64)
+    loss.backward(grad_out.float().to(triton_device))
+    expected_loss.backward(grad_out)
+    for got, want in zip(inputs, exact, strict=True):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=tol, atol=tol)
+
+
+def test_heads_backward_is_the_reference_under_deterministic_algorithms(triton_device):
+    """The fused backward adds dW with atomics, in no fixed order: deterministic algorithms take the reference's."""
+    from spidr_fast.ops import _dispatch
+    from spidr_fast.ops.kernels.heads_cross_entropy import heads_cross_entropy_backward_triton
+
+    x, weight = torch.randn(2, 9, 16, device=triton_device), torch.randn(2, 5, 16, device=triton_device)
+    labels, lse = torch.randint(0, 5, (2, 9), device=triton_device), torch.randn(2, 9, device=triton_device)
+    grad = torch.randn(9, device=triton_device)
+    args = (grad, x, weight, None, labels, lse, 1.0, -100)
+    expected = _dispatch.reference("heads_cross_entropy_backward")(*args)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = heads_cross_entropy_backward_triton(*args)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

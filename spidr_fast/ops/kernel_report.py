@@ -86,18 +86,25 @@ def kernel_specs(capability: int) -> Iterator[tuple[str, triton.JITFunction, dic
     yield "codebook_ema_update", kernel, _signature(kernel, pointers, ("decay",)), config, options
 
     for dtype in (bf16, fp32):
+        heads = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr=i64, lse_ptr=fp32)
+        # Multiples of 16 at SpidR's shapes, as a launch specialises them: pointers, K, D and the row strides.
+        aligned = ("num_codewords", "dim", "stride_xl", "stride_xn", "stride_wl", "stride_wk", "stride_bl")
+        name = _TRITON_DTYPES[dtype]
         config, options = _split(heads_cross_entropy.heads_config(NUM_CODEWORDS, DIM, dtype))
         config["DOT_UPCAST"] = False  # what a GPU runs
-        heads = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr=i64, lse_ptr=fp32)
-        name = _TRITON_DTYPES[dtype]
         kernel = heads_cross_entropy._forward_kernel
         pointers = heads | dict(nll_ptr=fp32, prob_sums_ptr=fp32, labels_ok_ptr=fp32)
+        options["divisible_by_16"] = (*pointers, *aligned)
         signature = _signature(kernel, pointers, ("scale",))
-        yield f"heads_forward[{name}]", kernel, signature, dict(HAS_BIAS=True, **config), options
-        kernel = heads_cross_entropy._grad_logits_kernel
-        pointers = heads | dict(grad_loss_ptr=fp32, grad_logits_ptr=dtype, bias_grad_ptr=fp32)
+        constexprs = dict(HAS_BIAS=True, ONE_TILE=True, **config)
+        yield f"heads_forward[{name}]", kernel, signature, constexprs, options
+        config, options = _split(heads_cross_entropy.backward_config(NUM_CODEWORDS, DIM, dtype, capability))
+        config["DOT_UPCAST"] = False
+        kernel = heads_cross_entropy._backward_kernel
+        pointers = heads | dict(grad_loss_ptr=fp32, grad_x_ptr=dtype, grad_w_ptr=fp32, bias_grad_ptr=fp32)
+        options["divisible_by_16"] = (*pointers, *aligned)
         signature = _signature(kernel, pointers, ("scale", "inv_layers"))
-        yield f"heads_grad_logits[{name}]", kernel, signature, dict(HAS_BIAS=True, **config), options
+        yield f"heads_backward[{name}]", kernel, signature, dict(HAS_BIAS=True, **config), options
 
     yield from _feature_extractor_specs()
 

@@ -1,13 +1,19 @@
-"""Triton: cross-entropy of L prediction heads, logits = scale · x Wᵀ + b, tile by tile.
+"""Triton: cross-entropy of L prediction heads, logits = scale · x Wᵀ + b, tile by tile; the logits never leave
+the chip and no (L, N, K) tensor is written, forward or backward.
 
-Forward (one launch, every layer): per block of rows, the logits tile by tile over the K codewords with an online
-log-sum-exp, then a second sweep that sums the probabilities over the block's rows. It writes the per-row
+Forward (one launch, every layer): per block of rows, the logits of all K codewords in one tile (K ≤ 256, SpidR's
+K = 256) give the log-sum-exp, the target logit and the block's probability sums in one sweep; a larger K takes
+tiles of 256 with an online log-sum-exp and a second sweep for the probability sums. It writes the per-row
 negative log-likelihood and log-sum-exp (L, N) and per-block probability sums with the count of rows kept
-(row blocks, L, K + 1), never the logits. A row whose label is ignore_index adds nothing (0 to the loss, nothing to
-the sums or the gradients); a label outside [0, K) otherwise clears a flag the host asserts on asynchronously.
-Backward: a kernel recomputes each logits tile from x, W and the saved log-sum-exp and writes the
-gradient of the logits in the input dtype (what autograd feeds its matmuls too) with the bias gradient per row
-block; dx = G W and dW = Gᵀ x are then two batched matmuls, which accumulate in fp32 from bf16/fp16.
+(row blocks, L, K + 1). A row whose label is ignore_index adds nothing (0 to the loss, nothing to the sums or the
+gradients); a label outside [0, K) otherwise clears a flag the host asserts on asynchronously.
+Backward (one launch): per block of rows, each logits tile again from x, W and the saved log-sum-exp, the gradient
+G = (softmax - onehot) · grad in registers, rounded to the input dtype as autograd's would be; then channel chunk
+by chunk dx = G W (stored, one writer per row block) and dW += Gᵀ x by fp32 atomic adds into one (L, K, D) buffer.
+Atomics rather than per-block partials: the (L, K, D) fp32 target is 6.3 MB at SpidR's shapes and stays in L2,
+where partials per row block would be N / 64 copies of it (1.6 GB at N = 16k). The bias gradient is summed per row
+block and those partials in a fixed order. Under torch.use_deterministic_algorithms the backward runs the
+reference (atomics add in no fixed order).
 """
 
 import os
@@ -16,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spidr_fast.ops._dispatch import register
+from spidr_fast.ops._dispatch import reference, register
 
 
 @triton.jit
@@ -51,7 +57,7 @@ def _forward_kernel(
     scale, ignore_index,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,42 +68,57 @@ def _forward_kernel(
     # that the host asserts on without waiting for it.
     bad = kept & ((labels < 0) | (labels >= num_codewords))
     tl.store(labels_ok_ptr, 0.0, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
-    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK_N], tl.float32)
-    target = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, num_codewords, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k < num_codewords, dim, scale,
-                              stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
-                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
-        target += tl.sum(tl.where(k[None, :] == labels[:, None], logits, 0.0), axis=1)
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
-        running_max = new_max
-    lse = running_max + tl.log(running_sum)
-    tl.store(lse_ptr + layer * num_rows + rows, lse, mask=row_mask)
-    tl.store(nll_ptr + layer * num_rows + rows, tl.where(kept, lse - target, 0.0), mask=row_mask)
-    # mean_probs needs the final log-sum-exp of each row: a second sweep recomputes the tiles. Each block's row of
-    # sums has K + 1 entries: the probabilities, then the count of rows kept (mean_probs' denominator).
+    # Each block's row of sums has K + 1 entries: the probabilities, then the count of rows kept (mean_probs'
+    # denominator).
     block_sums = prob_sums_ptr + (pid_n * tl.num_programs(1) + layer) * (num_codewords + 1)
     tl.store(block_sums + num_codewords, tl.sum(kept.to(tl.float32), axis=0))
-    for k0 in range(0, num_codewords, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if ONE_TILE:  # every codeword in one tile: the logits are computed once
+        k = tl.arange(0, BLOCK_K)
         k_mask = k < num_codewords
         logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
                               stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
-        probs = tl.where(kept[:, None], tl.exp(logits - lse[:, None]), 0.0)
+        target = tl.sum(tl.where(k[None, :] == labels[:, None], logits, 0.0), axis=1)
+        row_max = tl.max(logits, axis=1)
+        exps = tl.exp(logits - row_max[:, None])
+        row_sum = tl.sum(exps, axis=1)
+        lse = row_max + tl.log(row_sum)
+        probs = tl.where(kept[:, None], exps / row_sum[:, None], 0.0)
         tl.store(block_sums + k, tl.sum(probs, axis=0), mask=k_mask)
+    else:
+        running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_N], tl.float32)
+        target = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, num_codewords, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k < num_codewords, dim, scale,
+                                  stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl,
+                                  stride_bk, HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+            target += tl.sum(tl.where(k[None, :] == labels[:, None], logits, 0.0), axis=1)
+            new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        # mean_probs needs the final log-sum-exp of each row: a second sweep recomputes the tiles.
+        for k0 in range(0, num_codewords, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < num_codewords
+            logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
+                                  stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl,
+                                  stride_bk, HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+            probs = tl.where(kept[:, None], tl.exp(logits - lse[:, None]), 0.0)
+            tl.store(block_sums + k, tl.sum(probs, axis=0), mask=k_mask)
+    tl.store(lse_ptr + layer * num_rows + rows, lse, mask=row_mask)
+    tl.store(nll_ptr + layer * num_rows + rows, tl.where(kept, lse - target, 0.0), mask=row_mask)
 
 
 @triton.jit
-def _grad_logits_kernel(
-    x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, bias_grad_ptr,
+def _backward_kernel(
+    x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_loss_ptr, grad_x_ptr, grad_w_ptr, bias_grad_ptr,
     num_rows, num_codewords, dim, scale, inv_layers, ignore_index,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,7 +128,9 @@ def _grad_logits_kernel(
     # loss = Σ_l nll_l / L, so each layer's nll receives grad_loss / L; an ignored label's nll is a constant 0.
     kept = row_mask & (labels != ignore_index)
     grad_rows = tl.load(grad_loss_ptr + rows, mask=kept, other=0.0).to(tl.float32) * inv_layers
-    layer_grad_logits = grad_logits_ptr + layer * num_rows * num_codewords
+    # grad_x and grad_w are contiguous (L, N, D) and (L, K, D).
+    layer_grad_x = grad_x_ptr + layer * num_rows * dim
+    layer_grad_w = grad_w_ptr + layer * num_codewords * dim
     for k0 in range(0, num_codewords, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < num_codewords
@@ -116,30 +139,70 @@ def _grad_logits_kernel(
                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         onehot = (k[None, :] == labels[:, None]).to(tl.float32)
         grad = tl.where(kept[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
-        out = layer_grad_logits + (rows[:, None] * num_codewords + k[None, :])  # int32 tile offsets, as in loads
-        tl.store(out, (grad * scale).to(grad_logits_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
         tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
+        # The logits' gradient in the input dtype, as autograd feeds its matmuls (the tensor cores' operand).
+        grad = (grad * scale).to(x_ptr.dtype.element_ty)
+        if DOT_UPCAST:
+            grad = grad.to(tl.float32)
+        for d0 in range(0, dim, BLOCK_DO):
+            d = d0 + tl.arange(0, BLOCK_DO)
+            d_mask = d < dim
+            x = tl.load(x_ptr + layer * stride_xl + (rows[:, None] * stride_xn + d[None, :] * stride_xd),
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + layer * stride_wl + (k[:, None] * stride_wk + d[None, :] * stride_wd),
+                        mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_UPCAST:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            tile = rows[:, None] * dim + d[None, :]
+            tile_mask = row_mask[:, None] & d_mask[None, :]
+            # With several codeword tiles, grad_x is an fp32 buffer this block alone writes: add to the tiles before.
+            grad_x = tl.load(layer_grad_x + tile, mask=tile_mask & (k0 > 0), other=0.0).to(tl.float32)
+            grad_x += tl.dot(grad, w, input_precision=DOT_PRECISION)
+            tl.store(layer_grad_x + tile, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
+            grad_w = tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION)
+            tl.atomic_add(layer_grad_w + (k[:, None] * dim + d[None, :]), grad_w,
+                          mask=k_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 def heads_config(num_codewords: int, dim: int, dtype: torch.dtype) -> dict:
-    return dict(
+    """The forward's tiles: every codeword of a row block in one tile up to K = 256 (SpidR's), 8 warps."""
+    fp32 = dtype == torch.float32
+    return {
         # PyTorch's fp32 matmul is true fp32 (no TF32 unless asked); 16-bit inputs ignore this and use tensor cores.
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": "ieee" if fp32 else "tf32",
         # Triton's CPU interpreter multiplies bf16 tiles as their uint16 storage. Products of bf16 values are exact
         # in fp32, so upcasting there computes what the tensor cores do (fp32 accumulation).
-        DOT_UPCAST=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_N=64,
-        BLOCK_K=min(64, max(16, triton.next_power_of_2(num_codewords))),
-        # 8 warps and 32 channels at a time (16 in fp32, whose dot operands take twice the registers): no spills on
-        # sm_80/sm_90 at the SpidR shapes, with a margin below 255 registers (see kernel_report).
-        BLOCK_D=min(16 if dtype == torch.float32 else 32, max(16, triton.next_power_of_2(dim))),
-        num_warps=8,
+        "DOT_UPCAST": dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        # fp32 dot operands take twice the registers: half the rows and channels (no spills, see kernel_report).
+        "BLOCK_N": 32 if fp32 else 64,
+        "BLOCK_K": min(256, max(16, triton.next_power_of_2(num_codewords))),
+        "BLOCK_D": min(16 if fp32 else 32, max(16, triton.next_power_of_2(dim))),
+        "num_warps": 8,
+    }
+
+
+# The backward's (BLOCK_N, BLOCK_K, BLOCK_DO) by compute capability (None: the interpreter, which takes sm_90's)
+# and operand width: the largest tiles that compile without spills at K 256, D 768 (kernel_report). G, its
+# transpose, the dW tile and that tile's atomic pointers share the registers; sm_80's mma keeps both operands in
+# registers, so its 16-bit G is split into two codeword tiles.
+_BACKWARD_TILES = {(9, 2): (64, 256, 32), (9, 4): (32, 128, 16), (8, 2): (64, 128, 32), (8, 4): (32, 128, 16)}
+
+
+def backward_config(num_codewords: int, dim: int, dtype: torch.dtype, capability: int | None) -> dict:
+    """heads_config's, with the backward's rows, codewords and the channels of dx and dW per step."""
+    block_n, block_k, block_do = _BACKWARD_TILES[8 if capability == 8 else 9, min(dtype.itemsize, 4)]
+    return dict(
+        heads_config(num_codewords, dim, dtype),
+        BLOCK_N=block_n,
+        BLOCK_K=min(block_k, max(16, triton.next_power_of_2(num_codewords))),
+        BLOCK_DO=min(block_do, max(16, triton.next_power_of_2(dim))),
     )
 
 
-def _common(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict, tuple]:
-    num_layers, num_rows, dim = x.shape
-    config = heads_config(weight.shape[1], dim, x.dtype)
+def _common(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict
+) -> tuple[tuple, dict, tuple]:
+    num_layers, num_rows, _ = x.shape
     bias_strides = bias.stride() if bias is not None else (0, 0)
     strides = (*x.stride(), *weight.stride(), *bias_strides)
     return strides, dict(HAS_BIAS=bias is not None, **config), (triton.cdiv(num_rows, config["BLOCK_N"]), num_layers)
@@ -154,13 +217,15 @@ def heads_cross_entropy_triton(
     num_codewords = weight.shape[1]
     nll = torch.empty(num_layers, num_rows, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(nll)
-    strides, meta, grid = _common(x, weight, bias)  # without a bias, weight stands in for its unread pointer
+    config = heads_config(num_codewords, dim, x.dtype)
+    strides, meta, grid = _common(x, weight, bias, config)  # without a bias, weight stands in for its unread pointer
     prob_sums = torch.zeros(grid[0], num_layers, num_codewords + 1, dtype=torch.float32, device=x.device)
     if num_rows:
         labels_ok = torch.ones(1, device=x.device)
         _forward_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), nll, lse, prob_sums, labels_ok,
-            num_rows, num_codewords, dim, scale, ignore_index, *strides, **meta,
+            num_rows, num_codewords, dim, scale, ignore_index, *strides, ONE_TILE=num_codewords <= config["BLOCK_K"],
+            **meta,
         )
         # On CUDA a device-side assert, raised at the next synchronisation: no host sync in the step.
         torch._assert_async(labels_ok, f"labels must be in [0, {num_codewords}) or ignore_index = {ignore_index}")
@@ -174,15 +239,22 @@ def heads_cross_entropy_backward_triton(
     grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     lse: torch.Tensor, scale: float, ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch.are_deterministic_algorithms_enabled():
+        return reference("heads_cross_entropy_backward")(grad_loss, x, weight, bias, labels, lse, scale, ignore_index)
     num_layers, num_rows, dim = x.shape
     num_codewords = weight.shape[1]
-    strides, meta, grid = _common(x, weight, bias)
-    grad_logits = torch.empty(num_layers, num_rows, num_codewords, dtype=x.dtype, device=x.device)
+    capability = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+    config = backward_config(num_codewords, dim, x.dtype, capability)
+    strides, meta, grid = _common(x, weight, bias, config)
+    # One codeword tile (SpidR's K) writes dx once in its dtype; more tiles add up in fp32 first.
+    one_tile = num_codewords <= config["BLOCK_K"]
+    grad_x = torch.empty(num_layers, num_rows, dim, dtype=x.dtype if one_tile else torch.float32, device=x.device)
+    grad_w = torch.zeros(num_layers, num_codewords, dim, dtype=torch.float32, device=x.device)
     bias_grad = torch.zeros(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
     if num_rows:
-        _grad_logits_kernel[grid](
+        _backward_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), lse, grad_loss.contiguous(),
-            grad_logits, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, ignore_index, *strides,
+            grad_x, grad_w, bias_grad, num_rows, num_codewords, dim, scale, 1.0 / num_layers, ignore_index, *strides,
             **meta,
         )
-    return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), x), bias_grad.sum(0)
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), bias_grad.sum(0)
