@@ -219,7 +219,8 @@ def heads_cross_entropy_triton(
     lse = torch.empty_like(nll)
     config = heads_config(num_codewords, dim, x.dtype)
     strides, meta, grid = _common(x, weight, bias, config)  # without a bias, weight stands in for its unread pointer
-    prob_sums = torch.zeros(grid[0], num_layers, num_codewords + 1, dtype=torch.float32, device=x.device)
+    # Every row block writes its whole row of sums, as the backward its bias-gradient partials: no memset.
+    prob_sums = torch.empty(grid[0], num_layers, num_codewords + 1, dtype=torch.float32, device=x.device)
     if num_rows:
         labels_ok = torch.ones(1, device=x.device)
         _forward_kernel[grid](
@@ -250,7 +251,7 @@ def heads_cross_entropy_backward_triton(
     one_tile = num_codewords <= config["BLOCK_K"]
     grad_x = torch.empty(num_layers, num_rows, dim, dtype=x.dtype if one_tile else torch.float32, device=x.device)
     grad_w = torch.zeros(num_layers, num_codewords, dim, dtype=torch.float32, device=x.device)
-    bias_grad = torch.zeros(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
+    bias_grad = torch.empty(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
     if num_rows:
         _backward_kernel[grid](
             x, weight, bias if bias is not None else weight, labels.contiguous(), lse, grad_loss.contiguous(),
