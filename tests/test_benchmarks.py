@@ -291,3 +291,10 @@ def test_ncu_raw_csv_gives_each_kernel_its_metrics():
         "achieved_occupancy_pct": 22.25,
         "registers_per_thread": 128.0,
     }
+
+
+def test_only_the_official_dynamic_compile_failing_in_inductor_is_a_known_failure():
+    """It failed on both cards in torch 2.11's inductor; any other error, or that error elsewhere, fails the run."""
+    assert "torch 2.11's inductor" in train_step.known_failure("official compiled", "InductorError: AssertionError: ")
+    assert train_step.known_failure("official compiled", "OutOfMemoryError: CUDA out of memory") == ""
+    assert train_step.known_failure("ours compiled (default ops)", "InductorError: AssertionError: ") == ""
