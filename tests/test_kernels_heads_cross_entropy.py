@@ -132,3 +132,25 @@ def test_heads_backward_is_the_reference_under_deterministic_algorithms(triton_d
         torch.use_deterministic_algorithms(deterministic)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="F.linear_cross_entropy is new in torch 2.13")
+def test_heads_kernel_is_torch_linear_cross_entropy(triton_device):
+    """benchmarks/kernels.py times torch's fused alternative as Σ_l F.linear_cross_entropy(reduction="sum"): the
+    same numbers, loss and gradients, as L times our loss summed."""
+    num_layers, num_rows, num_codewords, dim = 3, 37, 256, 80
+    x = torch.randn(num_layers, num_rows, dim, device=triton_device, requires_grad=True)
+    weight = (torch.randn(num_layers, num_codewords, dim, device=triton_device) / dim**0.5).requires_grad_()
+    bias = torch.randn(num_layers, num_codewords, device=triton_device, requires_grad=True)
+    labels = torch.randint(0, num_codewords, (num_layers, num_rows), device=triton_device)
+    loss, _ = ops.heads_cross_entropy(x, weight, bias, labels)
+    ours = loss.sum() * num_layers
+    got = torch.autograd.grad(ours, (x, weight, bias))
+    theirs = sum(
+        F.linear_cross_entropy(x[i], weight[i], labels[i], linear_bias=bias[i], reduction="sum")
+        for i in range(num_layers)
+    )
+    expected = torch.autograd.grad(theirs, (x, weight, bias))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
