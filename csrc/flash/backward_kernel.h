@@ -1,6 +1,7 @@
-// Flash-attention backward (FlashAttention-2 scheme). A block of 4 warps owns 64 keys of one (sequence, head)
-// and walks the query tiles: each warp recomputes its 16 keys' probabilities Pᵀ from the saved log-sum-exp,
-// accumulates dV and dK in registers, and the block adds its share of dQ into an fp32 buffer with atomics.
+// Flash-attention backward (FlashAttention-2 scheme). A block of warps owns 16 keys per warp of one (sequence,
+// head) and walks the 64-query tiles: each warp recomputes its 16 keys' probabilities Pᵀ from the saved
+// log-sum-exp, accumulates dV and dK in registers, and the block adds its share of dQ into an fp32 buffer with
+// atomics.
 // Two helper kernels: delta = rowsum(dO ∘ O) (and the fp32 dQ buffer zeroed) before, dQ's rounding after.
 #pragma once
 
@@ -8,13 +9,26 @@
 
 namespace spidr {
 
+// The backward's shape per head dim. Head dim 64 runs 8 warps on 128 keys: each query tile (Q, dO, lse, delta)
+// brought into shared memory serves twice the keys, and a block's dQ atomics cover twice the keys, so both halve
+// per key; at its 170-250 registers a thread, one 8-warp block per SM keeps the 8 warps two 4-warp blocks had.
+// Alone on its SM, such a block has no other block to hide its loads behind, so its query tiles are
+// double-buffered: the next one loads (cp.async) while this one is computed on. Head dim 128 keeps 4 warps on
+// 64 keys and one buffer (250-254 registers; two buffers would also leave one block per SM by shared memory).
 template <int HeadDim>
-struct BackwardSmem {
-  static constexpr int kStride = HeadDim + 8;     // K, V, Q, dO tiles, row-major
-  static constexpr int kDsStride = kBlockN + 8;   // dS tile, (query, key)
-  static constexpr int kTile = kBlockN * kStride;
-  static constexpr int kElements = 4 * kTile + kBlockM * kDsStride;
-  static constexpr int kBytes = kElements * 2 + 2 * kBlockM * 4;  // + lse and delta of the query tile
+struct BackwardConfig {
+  static constexpr int kWarps = HeadDim == 64 ? 8 : 4;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockKeys = kWarps * 16;
+  // dQ = dS K: warp w computes query rows 16 (w % 4) onward, over kDimParts parts of the head dim.
+  static constexpr int kDimParts = kWarps / 4;
+  static constexpr int kStages = kWarps == 8 ? 2 : 1;  // query tile buffers
+  static constexpr int kStride = HeadDim + 8;          // K, V, Q, dO tiles, row-major
+  static constexpr int kDsStride = kBlockKeys + 8;     // dS tile, (query, key)
+  static constexpr int kKeyTile = kBlockKeys * kStride;
+  static constexpr int kQueryTile = kBlockM * kStride;
+  static constexpr int kElements = 2 * kKeyTile + kStages * 2 * kQueryTile + kBlockM * kDsStride;
+  static constexpr int kBytes = kElements * 2 + kStages * 2 * kBlockM * 4;  // + lse and delta of each query tile
 };
 
 // The delta kernel's rows (token, head) per block: each row is HeadDim / 8 lanes of 16 bytes, so a warp reads
@@ -72,7 +86,7 @@ SPIDR_GLOBAL void flash_backward_grad_q_kernel(BackwardParams p) {
 
 template <typename Element, int HeadDim, bool Dropout>
 SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
-  using Smem = BackwardSmem<HeadDim>;
+  using Smem = BackwardConfig<HeadDim>;
   constexpr int kKSteps = HeadDim / 16;
   constexpr int kDimTiles = HeadDim / 8;
   constexpr int kQueryTiles = kBlockM / 8;
@@ -81,7 +95,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const int head = block.y, sequence = block.z;
   const int start = p.cu_seqlens[sequence];
   const int seqlen = p.cu_seqlens[sequence + 1] - start;
-  const int n0 = block.x * kBlockN;
+  const int n0 = block.x * Smem::kBlockKeys;
   if (n0 >= seqlen) return;
 
   const int warp = thread_index() / kWarpSize, lane = thread_index() % kWarpSize;
@@ -99,16 +113,17 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const auto* grad_out = static_cast<const uint16_t*>(p.grad_out) + int64_t(start) * p.grad_out_token_stride +
                          head * p.grad_out_head_stride;
 
+  // K, V, then per stage Q and dO, then dS; after them per stage lse and delta.
   uint16_t* k_tile = dynamic_shared_memory();
-  uint16_t* v_tile = k_tile + Smem::kTile;
-  uint16_t* q_tile = v_tile + Smem::kTile;
-  uint16_t* grad_out_tile = q_tile + Smem::kTile;
-  uint16_t* ds_tile = grad_out_tile + Smem::kTile;
-  float* lse_tile = reinterpret_cast<float*>(k_tile + Smem::kElements);
-  float* delta_tile = lse_tile + kBlockM;
+  uint16_t* v_tile = k_tile + Smem::kKeyTile;
+  uint16_t* query_tiles = v_tile + Smem::kKeyTile;
+  uint16_t* ds_tile = query_tiles + Smem::kStages * 2 * Smem::kQueryTile;
+  float* row_tiles = reinterpret_cast<float*>(k_tile + Smem::kElements);
 
-  load_tile<HeadDim>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
-  load_tile<HeadDim>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
+  load_tile_async<HeadDim, Smem::kBlockKeys, Smem::kThreads>(k_tile, Smem::kStride, k, p.k_token_stride, n0, seqlen);
+  load_tile_async<HeadDim, Smem::kBlockKeys, Smem::kThreads>(v_tile, Smem::kStride, v, p.v_token_stride, n0, seqlen);
+  commit_async();
+  wait_async();
 
   float grad_k[kDimTiles][4], grad_v[kDimTiles][4];
   SPIDR_UNROLL
@@ -119,16 +134,42 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
   const float* lse = p.lse + int64_t(head) * p.total_tokens + start;
   const float* delta = p.delta + int64_t(head) * p.total_tokens + start;
 
-  for (int m0 = 0; m0 < seqlen; m0 += kBlockM) {
-    sync_block();  // the previous query tile is no longer read
-    load_tile<HeadDim>(q_tile, Smem::kStride, q, p.q_token_stride, m0, seqlen);
-    load_tile<HeadDim>(grad_out_tile, Smem::kStride, grad_out, p.grad_out_token_stride, m0, seqlen);
-    for (int i = thread_index(); i < kBlockM; i += kThreads) {
-      bool valid = m0 + i < seqlen;
-      lse_tile[i] = valid ? lse[m0 + i] : INFINITY;  // padded queries get probability 0
-      delta_tile[i] = valid ? delta[m0 + i] : 0.0f;
+  // Issues query tile m0's Q and dO into `stage` (landing by wait_async) and stores its lse and delta there.
+  auto load_query_tile = [&](int m0, int stage) {
+    uint16_t* q_stage = query_tiles + 2 * stage * Smem::kQueryTile;
+    load_tile_async<HeadDim, kBlockM, Smem::kThreads>(q_stage, Smem::kStride, q, p.q_token_stride, m0, seqlen);
+    if constexpr (Smem::kStages == 1) {  // Q lands before dO starts: ptxas then fits d128 with dropout, unspilled
+      commit_async();
+      wait_async();
     }
-    sync_block();
+    load_tile_async<HeadDim, kBlockM, Smem::kThreads>(q_stage + Smem::kQueryTile, Smem::kStride, grad_out,
+                                                      p.grad_out_token_stride, m0, seqlen);
+    commit_async();
+    float* rows = row_tiles + 2 * stage * kBlockM;
+    for (int i = thread_index(); i < kBlockM; i += Smem::kThreads) {
+      bool valid = m0 + i < seqlen;
+      rows[i] = valid ? lse[m0 + i] : INFINITY;  // padded queries get probability 0
+      rows[kBlockM + i] = valid ? delta[m0 + i] : 0.0f;
+    }
+  };
+  load_query_tile(0, 0);
+
+  for (int m0 = 0, stage = 0; m0 < seqlen; m0 += kBlockM, stage = (stage + 1) % Smem::kStages) {
+    if constexpr (Smem::kStages == 1) {
+      if (m0 > 0) {
+        sync_block();  // the previous query tile is no longer read
+        load_query_tile(m0, 0);
+      }
+    }
+    wait_async();
+    sync_block();  // this tile is in place for every thread; no warp still reads the other stage or dS
+    if constexpr (Smem::kStages == 2) {
+      if (m0 + kBlockM < seqlen) load_query_tile(m0 + kBlockM, stage ^ 1);
+    }
+    const uint16_t* q_tile = query_tiles + 2 * stage * Smem::kQueryTile;
+    const uint16_t* grad_out_tile = q_tile + Smem::kQueryTile;
+    const float* lse_tile = row_tiles + 2 * stage * kBlockM;
+    const float* delta_tile = lse_tile + kBlockM;
 
     // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for the warp's 16 keys against the 64 queries.
     float prob[kQueryTiles][4], grad_prob[kQueryTiles][4];
@@ -183,31 +224,35 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       mma_kn_tile<Element>(grad_k, a_grad, q_tile, Smem::kStride, kk * 16);
     }
 
-    // dS to shared memory as (query, key), then dQ[queries] += dS K, one warp per 16 queries.
+    // dS to shared memory as (query, key), then dQ[queries] += dS K: warp w takes the 16 queries from 16 (w % 4)
+    // and part w / 4 of the head dim, over all the block's keys.
     SPIDR_UNROLL
     for (int nt = 0; nt < kQueryTiles; ++nt)
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i)
         ds_tile[(nt * 8 + 2 * t + i % 2) * Smem::kDsStride + key_rows[i / 2]] = round_to<Element>(grad_logit[nt][i]);
     sync_block();
-    float grad_q[kDimTiles][4];
+    constexpr int kPartTiles = kDimTiles / Smem::kDimParts;
+    const int query_group = Smem::kDimParts == 1 ? warp : warp % 4;
+    const int dim0 = Smem::kDimParts == 1 ? 0 : warp / 4 * kPartTiles * 8;
+    float grad_q[kPartTiles][4];
     SPIDR_UNROLL
     for (auto& tile : grad_q)
       SPIDR_UNROLL
       for (float& x : tile) x = 0.0f;
     SPIDR_UNROLL
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    for (int kk = 0; kk < Smem::kBlockKeys / 16; ++kk) {
       uint32_t a[4];
-      load_a(ds_tile, Smem::kDsStride, warp * 16, kk * 16, a);
-      mma_kn_tile<Element>(grad_q, a, k_tile, Smem::kStride, kk * 16);
+      load_a(ds_tile, Smem::kDsStride, query_group * 16, kk * 16, a);
+      mma_kn_tile<Element>(grad_q, a, k_tile + dim0, Smem::kStride, kk * 16);
     }
     SPIDR_UNROLL
     for (int r = 0; r < 2; ++r) {
-      int query = m0 + warp * 16 + g + r * 8;
+      int query = m0 + query_group * 16 + g + r * 8;
       if (query >= seqlen) continue;
-      float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim;
+      float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim + dim0;
       SPIDR_UNROLL
-      for (int dt = 0; dt < kDimTiles; ++dt) {
+      for (int dt = 0; dt < kPartTiles; ++dt) {
         atomic_add(row + dt * 8 + 2 * t, grad_q[dt][2 * r]);
         atomic_add(row + dt * 8 + 2 * t + 1, grad_q[dt][2 * r + 1]);
       }

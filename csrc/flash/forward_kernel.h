@@ -10,9 +10,9 @@
 
 namespace spidr {
 
-constexpr int kThreads = 128;  // 4 warps: the backward's blocks, and the delta and dQ kernels'
-constexpr int kBlockM = 64;    // the backward's query tile (16 rows per warp)
-constexpr int kBlockN = 64;    // keys per tile, forward and backward
+constexpr int kThreads = 128;  // the delta and dQ kernels' blocks
+constexpr int kBlockM = 64;    // the backward's query tile
+constexpr int kBlockN = 64;    // the forward's key tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -44,8 +44,8 @@ struct ForwardConfig {
 };
 
 // Copies rows [row0, row0 + Rows) of a (tokens, heads, head_dim) tensor's head into a shared tile, zeros past
-// `rows`, with Threads threads, without waiting: the copy lands by wait_async() (load_tile waits at once).
-template <int HeadDim, int Rows = kBlockN, int Threads = kThreads>
+// `rows`, with Threads threads, without waiting: the copy lands by wait_async().
+template <int HeadDim, int Rows, int Threads>
 SPIDR_DEVICE void load_tile_async(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
                                   int rows) {
   constexpr int kChunksPerRow = HeadDim / 8;
@@ -58,14 +58,6 @@ SPIDR_DEVICE void load_tile_async(uint16_t* tile, int stride, const uint16_t* so
     copy16_async(tile + row * stride + column, source + (valid ? int64_t(row0 + row) * token_stride : 0) + column,
                  valid);
   }
-}
-
-template <int HeadDim>
-SPIDR_DEVICE void load_tile(uint16_t* tile, int stride, const uint16_t* source, int64_t token_stride, int row0,
-                            int rows) {
-  load_tile_async<HeadDim>(tile, stride, source, token_stride, row0, rows);
-  commit_async();
-  wait_async();
 }
 
 // Fragments of a row-major shared tile, by ldmatrix (see mma_16x8x16 for the layouts).

@@ -49,8 +49,9 @@ void run_backward(const BackwardParams& p, uintptr_t stream) {
          kThreads, 0, stream, p);
   auto kernel =
       p.dropout ? &flash_backward_kernel<Element, HeadDim, true> : &flash_backward_kernel<Element, HeadDim, false>;
-  launch(kernel, ceil_div(p.max_seqlen, kBlockN), p.heads, p.batch, kThreads, BackwardSmem<HeadDim>::kBytes, stream,
-         p);
+  using Config = BackwardConfig<HeadDim>;
+  launch(kernel, ceil_div(p.max_seqlen, Config::kBlockKeys), p.heads, p.batch, Config::kThreads, Config::kBytes,
+         stream, p);
   launch(&flash_backward_grad_q_kernel<Element>, ceil_div(rows * HeadDim, kThreads), 1, 1, kThreads, 0, stream, p);
 }
 
