@@ -332,6 +332,14 @@ def test_an_eager_call_allocates_its_outputs_and_nothing_else(emulated_flash, dr
     assert backward_ops == ["empty"] * 5  # dq, dk, dv, delta and the fp32 dQ workspace
 
 
+def test_the_padded_api_passes_no_cu_seqlens(emulated_flash):
+    """A padded batch is B sequences of T tokens to the kernels as it is: no cu_seqlens tensor made per call."""
+    q = torch.randn(2, 9, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.arange(9) < torch.tensor([9, 4])[:, None]
+    forward_ops, _ = _dispatched_ops(lambda: attention_kernel.flash_attention_padded(q, q, q, mask))
+    assert [name for name in forward_ops if name not in ("view", "_unsafe_view")] == ["empty", "empty"]
+
+
 def test_lse_is_the_log_sum_exp_of_the_scaled_logits(emulated_flash):
     lengths, heads = [3, 66], 2
     q, k, v = (torch.randn(sum(lengths), heads, 64, dtype=torch.float16) for _ in "qkv")

@@ -93,8 +93,8 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
 
   const BlockIndex block = block_index();
   const int head = block.y, sequence = block.z;
-  const int start = p.cu_seqlens[sequence];
-  const int seqlen = p.cu_seqlens[sequence + 1] - start;
+  const SequenceBounds bounds = sequence_bounds(p, sequence);
+  const int start = bounds.start, seqlen = bounds.length;
   const int n0 = block.x * Smem::kBlockKeys;
   if (n0 >= seqlen) return;
 

@@ -108,6 +108,16 @@ SPIDR_DEVICE void accumulator_to_a(const float (&lo)[4], const float (&hi)[4], u
   a[3] = Element::pack(hi[2], hi[3]);
 }
 
+// Sequence b's first token and length: from cu_seqlens, or, without it (a padded batch), max_seqlen tokens each.
+struct SequenceBounds {
+  int start, length;
+};
+SPIDR_DEVICE SequenceBounds sequence_bounds(const AttentionParams& p, int sequence) {
+  if (p.cu_seqlens == nullptr) return {sequence * p.max_seqlen, p.max_seqlen};
+  const int start = p.cu_seqlens[sequence];
+  return {start, p.cu_seqlens[sequence + 1] - start};
+}
+
 template <typename Element, int HeadDim, bool Dropout>
 SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads),
                                       (ForwardConfig<HeadDim, Dropout>::kMinBlocks))
@@ -118,8 +128,8 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads
 
   const BlockIndex block = block_index();
   const int head = block.y, sequence = block.z;
-  const int start = p.cu_seqlens[sequence];
-  const int seqlen = p.cu_seqlens[sequence + 1] - start;
+  const SequenceBounds bounds = sequence_bounds(p, sequence);
+  const int start = bounds.start, seqlen = bounds.length;
   const int m0 = block.x * Config::kBlockM;
   if (m0 >= seqlen) return;  // the whole block leaves together
 

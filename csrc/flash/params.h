@@ -14,7 +14,7 @@ struct AttentionParams {
   int64_t q_token_stride, q_head_stride;
   int64_t k_token_stride, k_head_stride;
   int64_t v_token_stride, v_head_stride;
-  const int32_t* cu_seqlens;  // (batch + 1,)
+  const int32_t* cu_seqlens;  // (batch + 1,), or null: sequence b is tokens [b · max_seqlen, (b + 1) · max_seqlen)
   // Optional (total_tokens,) bool: keys whose byte is 0 take no attention (SDPA's key_padding_mask). Queries are
   // all computed, padded ones included, as SDPA computes them; a query with no valid key gets 0.
   const uint8_t* key_mask;

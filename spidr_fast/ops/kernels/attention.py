@@ -2,7 +2,8 @@
 with autograd.
 
     q, k, v      (total_tokens, heads, head_dim)  bfloat16 or float16, head_dim 64 or 128
-    cu_seqlens   (B + 1,) int32                    sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1])
+    cu_seqlens   (B + 1,) int32                    sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1]); None
+                                                   for a padded batch: B sequences of max_seqlen tokens
     rng_state    (2,) int64 [seed, offset]         dropout's Philox key and counter offset; drawn per call, None
                                                    without dropout
 
@@ -85,8 +86,14 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def _batch(total: int, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> int:
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1
+    return total // max_seqlen if max_seqlen else 0
+
+
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, key_mask: torch.Tensor | None,
     rng_state: torch.Tensor | None, max_seqlen: int, dropout_p: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
@@ -94,16 +101,16 @@ def _forward(
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     _extension.forward(
-        _dtype_name(q), _view(q), _view(k), _view(v), _view(out), lse.data_ptr(), cu_seqlens.data_ptr(),
-        _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total, softmax_scale, dropout_p,
-        _address(rng_state), _stream(q),
+        _dtype_name(q), _view(q), _view(k), _view(v), _view(out), lse.data_ptr(), _address(cu_seqlens),
+        _address(key_mask), _batch(total, cu_seqlens, max_seqlen), heads, head_dim, max_seqlen, total, softmax_scale,
+        dropout_p, _address(rng_state), _stream(q),
     )
     return out, lse
 
 
 def _backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens: torch.Tensor, key_mask: torch.Tensor | None, rng_state: torch.Tensor | None, max_seqlen: int,
+    cu_seqlens: torch.Tensor | None, key_mask: torch.Tensor | None, rng_state: torch.Tensor | None, max_seqlen: int,
     dropout_p: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     total, heads, head_dim = q.shape
@@ -114,8 +121,8 @@ def _backward(
     _extension.backward(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), _view(grad_out), lse.data_ptr(),
         delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
-        cu_seqlens.data_ptr(), _address(key_mask), cu_seqlens.numel() - 1, heads, head_dim, max_seqlen, total,
-        softmax_scale, dropout_p, _address(rng_state), _stream(q),
+        _address(cu_seqlens), _address(key_mask), _batch(total, cu_seqlens, max_seqlen), heads, head_dim, max_seqlen,
+        total, softmax_scale, dropout_p, _address(rng_state), _stream(q),
     )
     return grad_q, grad_k, grad_v
 
@@ -223,13 +230,12 @@ def flash_attention_padded(
     Returns:
         (B, T, heads, head_dim), contiguous.
     """
-    batch, frames = q.shape[:2]
+    frames = q.shape[1]
     packed = [t.flatten(0, 1) for t in (q, k, v)]  # a view: B and T merge without a copy for such layouts
     key_mask = None if key_padding_mask is None else key_padding_mask.reshape(-1).contiguous()
-    cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=q.device)
     scale = _softmax_scale(q, softmax_scale)
     rng_state = _rng_state(q, dropout_p, rng_state)
-    out = _FlashAttention.apply(*packed, cu_seqlens, key_mask, rng_state, frames, float(dropout_p), scale)
+    out = _FlashAttention.apply(*packed, None, key_mask, rng_state, frames, float(dropout_p), scale)
     return out.view(q.shape)
 
 
