@@ -73,14 +73,16 @@ def test_expanded_input_and_autocast(triton_device):
     torch.testing.assert_close(loss, expected, rtol=TOLERANCES[torch.bfloat16], atol=TOLERANCES[torch.bfloat16])
 
 
-# The kernels' tile boundaries (kernels/heads_cross_entropy.py: 64 rows, 32 in fp32; the forward's codeword tile up
-# to 256; the backward's 256 or 128 codewords; 32 or 16 channels per step, 32 or 16 for dx and dW): a last row
-# block of one row, codewords one past a tile (a second, one-codeword tile: the online log-sum-exp, the forward's
-# second sweep and dx added over codeword tiles), one short of a tile, channels not a multiple of any channel step.
+# The kernels' tile boundaries (kernels/heads_cross_entropy.py: the forward's 64 rows, 32 in fp32, and codeword
+# tile up to 256; the backward's 128 rows and pair of 128-codeword tiles in 16 bits at 128 < K <= 256, else a loop
+# over codeword tiles; 32 or 16 channels a step): a last row block of a few rows, codewords one past a tile (a
+# second, one-codeword tile: the online log-sum-exp, the forward's second sweep and dx added over codeword tiles),
+# a pair's second tile partly or nearly full, channels not a multiple of any channel step.
 BOUNDARY_CASES = [  # (N, K, D, dtype)
     (65, 257, 47, torch.bfloat16),
     (33, 129, 33, torch.float32),
     (97, 255, 70, torch.float16),
+    (131, 200, 40, torch.bfloat16),
 ]
 
 

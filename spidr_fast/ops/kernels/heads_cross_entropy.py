@@ -113,12 +113,41 @@ def _forward_kernel(
 
 
 @triton.jit
+def _grad_tile(
+    x_ptr, w_ptr, b_ptr, bias_grad_ptr, layer, pid_n, rows, row_mask, labels, lse, kept, grad_rows, k, k_mask,
+    num_codewords, dim, scale,
+    stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """G = (softmax - onehot) · grad of one (BLOCK_N, BLOCK_K) logits tile, computed again from x, W and the
+    log-sum-exp, in the input dtype as autograd feeds its matmuls (the tensor cores' operand); stores the tile's
+    bias-gradient partial (fp32, before that rounding)."""
+    logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
+                          stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                          HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+    onehot = (k[None, :] == labels[:, None]).to(tl.float32)
+    grad = tl.where(kept[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
+    tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
+    grad = (grad * scale).to(x_ptr.dtype.element_ty)
+    return grad.to(tl.float32) if DOT_UPCAST else grad
+
+
+@triton.jit
+def _load_tile(ptr, layer, stride_l, i, i_mask, stride_i, d, d_mask, stride_d, DOT_UPCAST: tl.constexpr):
+    """Rows i, channels d of one layer of x or W, the dot operand."""
+    tile = tl.load(ptr + layer * stride_l + (i[:, None] * stride_i + d[None, :] * stride_d),
+                   mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+    return tile.to(tl.float32) if DOT_UPCAST else tile
+
+
+@triton.jit
 def _backward_kernel(
     x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_loss_ptr, grad_x_ptr, grad_w_ptr, bias_grad_ptr,
     num_rows, num_codewords, dim, scale, inv_layers, ignore_index,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PAIR: tl.constexpr,
 ):
     pid_n, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,37 +160,59 @@ def _backward_kernel(
     # grad_x and grad_w are contiguous (L, N, D) and (L, K, D).
     layer_grad_x = grad_x_ptr + layer * num_rows * dim
     layer_grad_w = grad_w_ptr + layer * num_codewords * dim
-    for k0 in range(0, num_codewords, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < num_codewords
-        logits = _logits_tile(x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
-                              stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
-                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
-        onehot = (k[None, :] == labels[:, None]).to(tl.float32)
-        grad = tl.where(kept[:, None], (tl.exp(logits - lse[:, None]) - onehot) * grad_rows[:, None], 0.0)
-        tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
-        # The logits' gradient in the input dtype, as autograd feeds its matmuls (the tensor cores' operand).
-        grad = (grad * scale).to(x_ptr.dtype.element_ty)
-        if DOT_UPCAST:
-            grad = grad.to(tl.float32)
+    if PAIR:
+        # Every codeword as two tiles whose G both stay in registers: dx written once, and twice the rows per dW
+        # atomic tile (what one 256-codeword tile of 128 rows cannot hold without spilling).
+        ka = tl.arange(0, BLOCK_K)
+        kb = BLOCK_K + ka
+        ka_mask, kb_mask = ka < num_codewords, kb < num_codewords
+        grad_a = _grad_tile(x_ptr, w_ptr, b_ptr, bias_grad_ptr, layer, pid_n, rows, row_mask, labels, lse, kept,
+                            grad_rows, ka, ka_mask, num_codewords, dim, scale, stride_xl, stride_xn, stride_xd,
+                            stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                            HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+        grad_b = _grad_tile(x_ptr, w_ptr, b_ptr, bias_grad_ptr, layer, pid_n, rows, row_mask, labels, lse, kept,
+                            grad_rows, kb, kb_mask, num_codewords, dim, scale, stride_xl, stride_xn, stride_xd,
+                            stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                            HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         for d0 in range(0, dim, BLOCK_DO):
             d = d0 + tl.arange(0, BLOCK_DO)
             d_mask = d < dim
-            x = tl.load(x_ptr + layer * stride_xl + (rows[:, None] * stride_xn + d[None, :] * stride_xd),
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + layer * stride_wl + (k[:, None] * stride_wk + d[None, :] * stride_wd),
-                        mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-            if DOT_UPCAST:
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            tile = rows[:, None] * dim + d[None, :]
-            tile_mask = row_mask[:, None] & d_mask[None, :]
-            # With several codeword tiles, grad_x is an fp32 buffer this block alone writes: add to the tiles before.
-            grad_x = tl.load(layer_grad_x + tile, mask=tile_mask & (k0 > 0), other=0.0).to(tl.float32)
-            grad_x += tl.dot(grad, w, input_precision=DOT_PRECISION)
-            tl.store(layer_grad_x + tile, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
-            grad_w = tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION)
-            tl.atomic_add(layer_grad_w + (k[:, None] * dim + d[None, :]), grad_w,
-                          mask=k_mask[:, None] & d_mask[None, :], sem="relaxed")
+            x = _load_tile(x_ptr, layer, stride_xl, rows, row_mask, stride_xn, d, d_mask, stride_xd, DOT_UPCAST)
+            w_a = _load_tile(w_ptr, layer, stride_wl, ka, ka_mask, stride_wk, d, d_mask, stride_wd, DOT_UPCAST)
+            w_b = _load_tile(w_ptr, layer, stride_wl, kb, kb_mask, stride_wk, d, d_mask, stride_wd, DOT_UPCAST)
+            grad_x = tl.dot(grad_a, w_a, input_precision=DOT_PRECISION)
+            grad_x = tl.dot(grad_b, w_b, grad_x, input_precision=DOT_PRECISION)
+            tl.store(layer_grad_x + (rows[:, None] * dim + d[None, :]), grad_x.to(grad_x_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(layer_grad_w + (ka[:, None] * dim + d[None, :]),
+                          tl.dot(tl.trans(grad_a), x, input_precision=DOT_PRECISION),
+                          mask=ka_mask[:, None] & d_mask[None, :], sem="relaxed")
+            tl.atomic_add(layer_grad_w + (kb[:, None] * dim + d[None, :]),
+                          tl.dot(tl.trans(grad_b), x, input_precision=DOT_PRECISION),
+                          mask=kb_mask[:, None] & d_mask[None, :], sem="relaxed")
+    else:
+        for k0 in range(0, num_codewords, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < num_codewords
+            grad = _grad_tile(x_ptr, w_ptr, b_ptr, bias_grad_ptr, layer, pid_n, rows, row_mask, labels, lse, kept,
+                              grad_rows, k, k_mask, num_codewords, dim, scale, stride_xl, stride_xn, stride_xd,
+                              stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
+                              HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
+            for d0 in range(0, dim, BLOCK_DO):
+                d = d0 + tl.arange(0, BLOCK_DO)
+                d_mask = d < dim
+                x = _load_tile(x_ptr, layer, stride_xl, rows, row_mask, stride_xn, d, d_mask, stride_xd, DOT_UPCAST)
+                w = _load_tile(w_ptr, layer, stride_wl, k, k_mask, stride_wk, d, d_mask, stride_wd, DOT_UPCAST)
+                tile = rows[:, None] * dim + d[None, :]
+                tile_mask = row_mask[:, None] & d_mask[None, :]
+                # With several codeword tiles, grad_x is an fp32 buffer this block alone writes: add to the tiles
+                # before.
+                grad_x = tl.load(layer_grad_x + tile, mask=tile_mask & (k0 > 0), other=0.0).to(tl.float32)
+                grad_x += tl.dot(grad, w, input_precision=DOT_PRECISION)
+                tl.store(layer_grad_x + tile, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
+                tl.atomic_add(layer_grad_w + (k[:, None] * dim + d[None, :]),
+                              tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION),
+                              mask=k_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 def heads_config(num_codewords: int, dim: int, dtype: torch.dtype) -> dict:
@@ -181,21 +232,27 @@ def heads_config(num_codewords: int, dim: int, dtype: torch.dtype) -> dict:
     }
 
 
-# The backward's (BLOCK_N, BLOCK_K, BLOCK_DO) by compute capability (None: the interpreter, which takes sm_90's)
-# and operand width: the largest tiles that compile without spills at K 256, D 768 (kernel_report). G, its
-# transpose, the dW tile and that tile's atomic pointers share the registers; sm_80's mma keeps both operands in
-# registers, so its 16-bit G is split into two codeword tiles.
+# The backward's (BLOCK_N, BLOCK_K, BLOCK_DO): the largest tiles that compile without spills at K 256, D 768
+# (kernel_report). 16-bit inputs with 128 < K <= 256 (SpidR's K) take 128 rows and every codeword as a pair of
+# 128-codeword G tiles (255 registers, no spills on sm_90 and sm_80): a single 256-codeword tile of 128 rows
+# spills, and 64 rows would send twice the dW atomic bytes. Otherwise a loop over codeword tiles, by compute
+# capability (None: the interpreter, which takes sm_90's) and operand width: G, its transpose, the dW tile and that
+# tile's atomic pointers share the registers, and sm_80's mma keeps both operands in registers.
+_PAIR_TILES = (128, 128, 32)
 _BACKWARD_TILES = {(9, 2): (64, 256, 32), (9, 4): (32, 128, 16), (8, 2): (64, 128, 32), (8, 4): (32, 128, 16)}
 
 
 def backward_config(num_codewords: int, dim: int, dtype: torch.dtype, capability: int | None) -> dict:
     """heads_config's, with the backward's rows, codewords and the channels of dx and dW per step."""
-    block_n, block_k, block_do = _BACKWARD_TILES[8 if capability == 8 else 9, min(dtype.itemsize, 4)]
+    pair = dtype.itemsize == 2 and 128 < num_codewords <= 256
+    tiles = _PAIR_TILES if pair else _BACKWARD_TILES[8 if capability == 8 else 9, min(dtype.itemsize, 4)]
+    block_n, block_k, block_do = tiles
     return dict(
         heads_config(num_codewords, dim, dtype),
         BLOCK_N=block_n,
         BLOCK_K=min(block_k, max(16, triton.next_power_of_2(num_codewords))),
         BLOCK_DO=min(block_do, max(16, triton.next_power_of_2(dim))),
+        PAIR=pair,
     )
 
 
@@ -247,8 +304,8 @@ def heads_cross_entropy_backward_triton(
     capability = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
     config = backward_config(num_codewords, dim, x.dtype, capability)
     strides, meta, grid = _common(x, weight, bias, config)
-    # One codeword tile (SpidR's K) writes dx once in its dtype; more tiles add up in fp32 first.
-    one_tile = num_codewords <= config["BLOCK_K"]
+    # One codeword tile or a pair (SpidR's K) writes dx once in its dtype; a loop over tiles adds up in fp32 first.
+    one_tile = config["PAIR"] or num_codewords <= config["BLOCK_K"]
     grad_x = torch.empty(num_layers, num_rows, dim, dtype=x.dtype if one_tile else torch.float32, device=x.device)
     grad_w = torch.zeros(num_layers, num_codewords, dim, dtype=torch.float32, device=x.device)
     bias_grad = torch.empty(grid[0], num_layers, num_codewords, dtype=torch.float32, device=x.device)
