@@ -359,6 +359,8 @@ def test_a_damaged_checkpoint_that_cannot_be_renamed_holds_no_kept_slot(tmp_path
 def test_bad_files_in_a_validation_manifest_are_skipped_named_and_counted(tmp_path, caplog):
     """Truncated, NaN-filled and missing files among a labelled validation set: each is named, counted once, and
     the unit quality and the MFCC baseline are scored on the other files. Before, the unit-quality pass raised."""
+    from dataclasses import replace
+
     import soundfile
 
     from spidr_fast.data.loading import DataConfig
@@ -385,6 +387,10 @@ def test_bad_files_in_a_validation_manifest_are_skipped_named_and_counted(tmp_pa
     for name in bad:
         assert f"skipping unusable audio {wav / name}.wav" in caplog.text
     assert 0 <= results["codebooks"]["pnmi"] <= 1 and 0 <= results["baseline"]["pnmi"] <= 1
+    only_bad = tmp_path / "bad.tsv"
+    only_bad.write_text(f"{wav.parent}\n" + "".join(f"wav/{name}.wav\t{len(good)}\n" for name in bad))
+    with pytest.raises(ValueError, match=f"no usable audio in validation manifest '{only_bad}' \\(3 files skipped"):
+        validate(model, replace(cfg, manifest=str(only_bad)), MaskingConfig(), torch.device("cpu"), torch.float32)
 
 
 def test_unreadable_audio_is_skipped_and_counted(tmp_path):

@@ -110,6 +110,8 @@ def validate(
                     p.reshape(-1, p.shape[-1]).argmax(-1).cpu().numpy()
                 )
                 units.setdefault(f"codebooks/layer_{first_head + j}", []).append(t[0].cpu().numpy())
+        if not kept:
+            raise ValueError(f"no usable audio in validation manifest {cfg.manifest!r} ({len(source)} files skipped)")
         if len(kept) < len(source):  # only a manifest's files can be unusable: `source` is an AudioSource
             phones, source = [phones[i] for i in kept], source.subset(kept)
         quality = {
