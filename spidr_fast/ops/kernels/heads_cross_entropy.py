@@ -26,6 +26,15 @@ from spidr_fast.ops._dispatch import reference, register
 
 
 @triton.jit
+def _load_tile(ptr, layer, stride_l, i, i_mask, stride_i, d, d_mask, stride_d, DOT_UPCAST: tl.constexpr):
+    """Rows i, channels d of one layer of x or W, the dot operand. int64 only in the per-layer scalar base: int32
+    tile offsets keep the pointer tiles' registers down."""
+    tile = tl.load(ptr + layer * stride_l + (i[:, None] * stride_i + d[None, :] * stride_d),
+                   mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+    return tile.to(tl.float32) if DOT_UPCAST else tile
+
+
+@triton.jit
 def _logits_tile(
     x_ptr, w_ptr, b_ptr, layer, rows, row_mask, k, k_mask, dim, scale,
     stride_xl, stride_xn, stride_xd, stride_wl, stride_wk, stride_wd, stride_bl, stride_bk,
@@ -37,13 +46,8 @@ def _logits_tile(
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < dim
-        # int64 only in the per-layer scalar base: int32 tile offsets keep the pointer tiles' registers down.
-        x = tl.load(x_ptr + layer * stride_xl + (rows[:, None] * stride_xn + d[None, :] * stride_xd),
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + layer * stride_wl + (k[:, None] * stride_wk + d[None, :] * stride_wd),
-                    mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_UPCAST:
-            x, w = x.to(tl.float32), w.to(tl.float32)
+        x = _load_tile(x_ptr, layer, stride_xl, rows, row_mask, stride_xn, d, d_mask, stride_xd, DOT_UPCAST)
+        w = _load_tile(w_ptr, layer, stride_wl, k, k_mask, stride_wk, d, d_mask, stride_wd, DOT_UPCAST)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     logits = acc * scale
     if HAS_BIAS:
@@ -131,14 +135,6 @@ def _grad_tile(
     tl.store(bias_grad_ptr + (pid_n * tl.num_programs(1) + layer) * num_codewords + k, tl.sum(grad, 0), k_mask)
     grad = (grad * scale).to(x_ptr.dtype.element_ty)
     return grad.to(tl.float32) if DOT_UPCAST else grad
-
-
-@triton.jit
-def _load_tile(ptr, layer, stride_l, i, i_mask, stride_i, d, d_mask, stride_d, DOT_UPCAST: tl.constexpr):
-    """Rows i, channels d of one layer of x or W, the dot operand."""
-    tile = tl.load(ptr + layer * stride_l + (i[:, None] * stride_i + d[None, :] * stride_d),
-                   mask=i_mask[:, None] & d_mask[None, :], other=0.0)
-    return tile.to(tl.float32) if DOT_UPCAST else tile
 
 
 @triton.jit
