@@ -38,17 +38,10 @@ def vector_quantize(dim: int, codebook_size: int):
     return VectorQuantize(dim=dim, codebook_size=codebook_size, use_cosine_sim=True, decay=DECAY)
 
 
-def main(argv: list[str] | None = None) -> Results:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
-    parser.add_argument("--spidr-shapes", action="store_true", help="SpidR's shapes on a CPU too")
-    parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or (device.type != "cuda" and not args.spidr_shapes)
+def bench_dropin(results: Results, device: torch.device, smoke: bool) -> None:
+    """The rows, into `results` (this script's own file, or the device check's kernels.json)."""
     frames, dim, codebook_size = (512, 64, 32) if smoke else (8192, 768, 256)
     batch = 16  # utterances: 16 x 512 frames at SpidR's shapes
-    results = Results("dropin", device, measure_peaks(device), None if args.output is None else Path(args.output))
     shape = f"{batch}x{frames // batch}x{dim} K{codebook_size} bf16"
     x = torch.randn(batch, frames // batch, dim, device=device, dtype=torch.bfloat16)
     lengths = torch.randint(frames // batch // 2, frames // batch + 1, (batch,), device=device)
@@ -73,6 +66,18 @@ def main(argv: list[str] | None = None) -> Results:
                 failure = try_run(forward)
                 ms = None if failure else median_ms(forward, device=device)
                 results.add(case, shape, impl, ms, bytes_moved=x.numel() * x.element_size(), error=failure or "")
+
+
+def main(argv: list[str] | None = None) -> Results:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
+    parser.add_argument("--spidr-shapes", action="store_true", help="SpidR's shapes on a CPU too")
+    parser.add_argument("--output", type=str, default=None, help="results JSON path (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or (device.type != "cuda" and not args.spidr_shapes)
+    results = Results("dropin", device, measure_peaks(device), None if args.output is None else Path(args.output))
+    bench_dropin(results, device, smoke)
     results.finish()
     return results
 

@@ -3,7 +3,8 @@
 # device call to carry (it has no internet). Its image has torch, triton, numpy, pytest, pytest-benchmark, tqdm,
 # cmake, ninja and pybind11 for Python 3.12 on x86-64 Linux.
 #
-#   bash benchmarks/fetch_wheels.sh          the official spidr 0.2.0 (pure Python): the official columns
+#   bash benchmarks/fetch_wheels.sh          the official spidr 0.2.0 (pure Python): the official columns; and
+#                                            vector-quantize-pytorch with its dependencies: the drop-in rows
 #   bash benchmarks/fetch_wheels.sh --train  also soundfile (audio files) and nvtx (the training loop's NVTX ranges
 #                                            on a GPU), to run python -m spidr_fast.train there
 #
@@ -12,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
-PACKAGES=(spidr==0.2.0)
+# vector-quantize-pytorch and its pure-Python dependencies: the drop-in benchmark's comparison rows (kernels.py).
+PACKAGES=(spidr==0.2.0 vector-quantize-pytorch einops einx loguru torch-einops-utils frozendict)
 if [[ ${1:-} == --train ]]; then
   PACKAGES+=(soundfile cffi pycparser nvtx)  # cffi and pycparser: soundfile's own dependencies
 elif (($#)); then

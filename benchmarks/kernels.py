@@ -18,6 +18,8 @@ FLOPs, by the usual conventions):
                                written, statistics read
   heads_cross_entropy fwd+bwd  8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
   attention fwd                FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
+  dropin                       spidr_fast.nn.OnlineCodebook against vector-quantize-pytorch's VectorQuantize
+                               (benchmarks/dropin.py's rows: 8192 frames x 768, 256 codewords, bf16)
   feature_extractor fwd        the 7 official layers (conv k 10/3/2, stride 5/2/2, 512 channels, LayerNorm, GELU)
                                under bf16 autocast, waveforms of B × 20 s; FLOPs = Σ 2·B·T_l·C_out·C_in·k;
                                fwd+bwd adds the weight gradients (the same again) and the input gradients of
@@ -45,7 +47,7 @@ from spidr_fast.ops.kernels import attention as attention_kernel  # noqa: E402
 
 LAYERS, DIM, CODEWORDS = 8, 768, 256
 VARIANTS = ("eager", "compiled")
-STEMS = ("codebook", "heads_cross_entropy", "attention", "feature_extractor")
+STEMS = ("codebook", "heads_cross_entropy", "attention", "dropin", "feature_extractor")
 RUN = {"eager"}  # which variants this run measures: "eager" (everything not compiled), "compiled"
 COMPILE_BACKEND = "inductor"  # a smoke run's is "eager": dynamo only, no code generation (minutes on a CPU)
 
@@ -380,11 +382,17 @@ def main(argv: list[str] | None = None) -> Results:
     if "heads_cross_entropy" in only:
         bench_heads_cross_entropy(results, device, head_sizes, dtype)
         bench_input_checks(results, device, head_sizes, dtype)
-    if "feature_extractor" in only:  # the official batch, 12 × 20 s; a smoke run: 0.1 s through two small layers
-        extractor = [(32, 10, 5), (32, 3, 2)] if smoke else [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
-        bench_feature_extractor(results, device, 1 if smoke else 12, 0.1 if smoke else 20, extractor, official)
     if "attention" in only and "eager" in RUN:  # attention has no compiled variant: SDPA's backends are the bar
         bench_attention(results, device, attention_list, dtype, heads=12 if not smoke else 2, head_dim=64)
+    if "dropin" in only and "eager" in RUN:  # OnlineCodebook against VectorQuantize (benchmarks/dropin.py)
+        from benchmarks.dropin import bench_dropin
+
+        bench_dropin(results, device, smoke)
+    # Last, being the longest (a cut-off then costs the rows measured before it least): the official batch,
+    # 12 × 20 s; a smoke run: 0.1 s through two small layers.
+    if "feature_extractor" in only:
+        extractor = [(32, 10, 5), (32, 3, 2)] if smoke else [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+        bench_feature_extractor(results, device, 1 if smoke else 12, 0.1 if smoke else 20, extractor, official)
     results.finish()
     return results
 
