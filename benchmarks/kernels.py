@@ -311,7 +311,8 @@ def bench_feature_extractor(results, device, batch, seconds, layers, official):
 
         def theirs_layer(inputs=inputs_official, weight=weight, norm=norm, stride=stride, i=i):
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                y = F.gelu(norm(F.conv1d(inputs, weight, None, stride)))
+                y = F.conv1d(inputs, weight, None, stride)  # the official (B, C, T) layer: LayerNorm transposed
+                y = F.gelu(norm(y.transpose(1, 2)).transpose(1, 2))
             torch.autograd.grad(y.float().sum(), [weight, *([inputs] if i else [])])
             return y
 

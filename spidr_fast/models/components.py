@@ -10,13 +10,6 @@ from spidr_fast import ops
 from spidr_fast.models.config import DinoSRConfig
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a (batch, channel, frame) tensor."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.transpose(-2, -1)).transpose(-2, -1)
-
-
 class ConvLayerBlock(nn.Module):
     """The parameters of one extractor layer, Conv1d → optional norm → GELU, under the official names; the layers
     run together in `ops.feature_extractor`."""
@@ -49,7 +42,7 @@ class FeatureExtractor(nn.Module):
         for i, (out_channels, kernel_size, stride) in enumerate(cfg.extractor_conv_layer_config):
             norm: nn.Module | None = None
             if cfg.extractor_mode == "layer_norm":
-                norm = ChannelLayerNorm(out_channels, elementwise_affine=True)
+                norm = nn.LayerNorm(out_channels)  # over the channels
             elif i == 0:  # group_norm mode normalises the first layer only, one group per channel
                 norm = nn.GroupNorm(out_channels, out_channels, affine=True)
             self.conv_layers.append(
