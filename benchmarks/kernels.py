@@ -18,6 +18,8 @@ FLOPs, by the usual conventions):
                                written, statistics read
   heads_cross_entropy fwd+bwd  8 heads' logits, cross-entropy and gradients; FLOPs = 6·L·N·D·K (logits, dx, dW)
   attention fwd                FLOPs = 4·B·T²·H·d;  attention bwd: 2.5× that (flash-attention's convention)
+  attention fwd dropout 0.1    the same shapes and FLOP count with dropout_p=0.1 (issue 31's target is measured at
+                               both rates); a backend that refuses dropout is not applicable, its reason noted
   dropin                       spidr_fast.nn.OnlineCodebook against vector-quantize-pytorch's VectorQuantize
                                (benchmarks/dropin.py's rows: 8192 frames x 768, 256 codewords, bf16)
   feature_extractor fwd        the 7 official layers (conv k 10/3/2, stride 5/2/2, 512 channels, LayerNorm, GELU)
@@ -30,6 +32,7 @@ FLOPs, by the usual conventions):
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -185,57 +188,90 @@ def bench_heads_cross_entropy(results, device, sizes, dtype):
             _time(results, "heads_cross_entropy fwd+bwd", shape, impl, fn, device, flops=flops)
 
 
-def bench_attention(results, device, frames_list, dtype, heads, head_dim):
+ATTENTION_DROPOUT_RATES = (0.0, 0.1)  # issue 31's target is measured at both
+
+
+def attention_case(direction: str, dropout_p: float) -> str:
+    """The case's name: `attention fwd` / `attention bwd` at dropout 0 (the rows the CUDA defaults are derived
+    from), else `attention fwd dropout 0.1`: a case of its own, so the report and the derivation never mix them."""
+    return f"attention {direction}" + (f" dropout {dropout_p:g}" if dropout_p else "")
+
+
+def _sdpa_refusal(fn) -> str | None:
+    """Why SDPA's chosen backend refuses to run fn (torch's warnings say it, the error only "No available kernel"),
+    or None when fn runs or fails otherwise (a failure, which the timing records as one)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failure = try_run(fn)
+    if failure is None or not failure.startswith("RuntimeError: No available kernel"):
+        return None
+    reasons = [str(w.message).split(" (Triggered internally")[0] for w in caught]
+    reasons = [r for r in reasons if not r.endswith("not used because:")] or [failure]
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def bench_attention(results, device, frames_list, dtype, heads, head_dim, dropout_rates=ATTENTION_DROPOUT_RATES):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for batch, frames in frames_list:
-        shape = f"B{batch} T{frames} H{heads} d{head_dim}"
-        flops_forward = 4 * batch * frames**2 * heads * head_dim
-        q, k, v = (
-            torch.randn(batch, frames, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in "qkv"
-        )
-        grad = torch.randn_like(q)
-        cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=device)
-        packed = [t.detach().flatten(0, 1).requires_grad_() for t in (q, k, v)]
+    # Every shape at dropout 0 first: a run cut off in its dropout rows keeps the rows the CUDA defaults rest on.
+    for dropout_p in dropout_rates:
+        fwd, bwd = attention_case("fwd", dropout_p), attention_case("bwd", dropout_p)
+        for batch, frames in frames_list:
+            shape = f"B{batch} T{frames} H{heads} d{head_dim}"
+            flops_forward = 4 * batch * frames**2 * heads * head_dim  # dropout changes no FLOP count
+            q, k, v = (
+                torch.randn(batch, frames, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                for _ in "qkv"
+            )
+            grad = torch.randn_like(q)
+            cu_seqlens = torch.arange(0, (batch + 1) * frames, frames, dtype=torch.int32, device=device)
+            packed = [t.detach().flatten(0, 1).requires_grad_() for t in (q, k, v)]
 
-        def ours():
-            return attention_kernel.flash_attention_varlen(*packed, cu_seqlens, frames)
+            def ours(packed=packed, cu_seqlens=cu_seqlens, frames=frames, dropout_p=dropout_p):
+                return attention_kernel.flash_attention_varlen(*packed, cu_seqlens, frames, dropout_p=dropout_p)
 
-        def sdpa(backend):
-            def run():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            def sdpa(backend, q=q, k=k, v=v, dropout_p=dropout_p):
+                def run():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(
+                            *(t.transpose(1, 2) for t in (q, k, v)), dropout_p=dropout_p
+                        )
 
-            return run
+                return run
 
-        impls = {"ours (csrc)": (ours, packed, grad.flatten(0, 1))}
-        for name, backend in (
-            ("SDPA flash", SDPBackend.FLASH_ATTENTION),
-            ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
-            ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
-            ("SDPA math", SDPBackend.MATH),
-        ):
-            if device.type == "cuda" and backend == SDPBackend.MATH:
-                continue
-            if device.type != "cuda" and backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-                for case in ("attention fwd", "attention bwd"):  # CUDA-only backends: not applicable, not failed
-                    results.add(case, shape, name, None, note=f"a CUDA backend: none on {device.type}")
-                continue
-            impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
-        for impl, (forward, inputs, out_grad) in impls.items():
-            reason = attention_kernel.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
-            if reason is not None:  # on a GPU our kernel must run: its absence fails the run
-                for case in ("attention fwd", "attention bwd"):
-                    results.add(case, shape, impl, None, **{"error" if device.type == "cuda" else "note": reason})
-                continue
-            _time(results, "attention fwd", shape, impl, forward, device, flops=flops_forward)
-            failure = try_run(forward)
-            if failure:
-                results.add("attention bwd", shape, impl, None, error=failure)
-                continue
-            out = forward()
-            backward = functools.partial(torch.autograd.grad, out, inputs, out_grad, retain_graph=True)
-            _time(results, "attention bwd", shape, impl, backward, device, flops=2.5 * flops_forward)
+            impls = {"ours (csrc)": (ours, packed, grad.flatten(0, 1))}
+            for name, backend in (
+                ("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                ("SDPA memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+                ("SDPA math", SDPBackend.MATH),
+            ):
+                if device.type == "cuda" and backend == SDPBackend.MATH:
+                    continue
+                if device.type != "cuda" and backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                    for case in (fwd, bwd):  # CUDA-only backends: not applicable, not failed
+                        results.add(case, shape, name, None, note=f"a CUDA backend: none on {device.type}")
+                    continue
+                refusal = _sdpa_refusal(sdpa(backend)) if dropout_p else None
+                if refusal is not None:  # a backend without dropout (at dropout 0 the same inputs are its to run)
+                    for case in (fwd, bwd):
+                        results.add(case, shape, name, None, note=f"not applicable at dropout {dropout_p:g}: {refusal}")
+                    continue
+                impls[name] = (sdpa(backend), (q, k, v), grad.transpose(1, 2))
+            for impl, (forward, inputs, out_grad) in impls.items():
+                reason = attention_kernel.unsupported_reason(packed[0]) if impl == "ours (csrc)" else None
+                if reason is not None:  # on a GPU our kernel must run: its absence fails the run
+                    for case in (fwd, bwd):
+                        results.add(case, shape, impl, None, **{"error" if device.type == "cuda" else "note": reason})
+                    continue
+                _time(results, fwd, shape, impl, forward, device, flops=flops_forward)
+                failure = try_run(forward)
+                if failure:
+                    results.add(bwd, shape, impl, None, error=failure)
+                    continue
+                out = forward()  # with dropout, the backward replays this forward's mask
+                backward = functools.partial(torch.autograd.grad, out, inputs, out_grad, retain_graph=True)
+                _time(results, bwd, shape, impl, backward, device, flops=2.5 * flops_forward)
 
 
 def _extractor_flops(layers, batch, samples):

@@ -16,6 +16,17 @@ def test_kernels_smoke_run_writes_results(tmp_path):
     for case in ("codebook assign", "codebook update", "heads_cross_entropy fwd+bwd"):
         assert (case, "fused (triton)") in impls and (case, "reference eager") in impls
     assert ("heads_cross_entropy fwd+bwd", "F.linear_cross_entropy") in impls
+    # Attention at dropout 0 keeps the case names the CUDA defaults are derived from (tests/test_dispatch.py); at
+    # dropout 0.1 every implementation has its own rows, measured, or not applicable with the reason.
+    assert [kernels.attention_case(d, 0.0) for d in ("fwd", "bwd")] == ["attention fwd", "attention bwd"]
+    attention = {(row["case"], row["shape"], row["impl"]): row for row in payload["rows"] if "attention" in row["case"]}
+    for (case, shape, impl), row in list(attention.items()):
+        if "dropout" not in case:
+            with_dropout = attention[(f"{case} dropout 0.1", shape, impl)]
+            assert with_dropout["ms"] is not None or with_dropout["note"], with_dropout
+            assert not with_dropout["error"]
+    if payload["cpu_smoke_run"]:  # SDPA math runs with dropout on a CPU
+        assert {("attention fwd dropout 0.1", "SDPA math"), ("attention bwd dropout 0.1", "SDPA math")} <= impls
 
 
 def test_input_pipeline_smoke_run_measures_every_decoding_mode(tmp_path):
@@ -115,6 +126,8 @@ def test_report_headline_rows_compare_with_the_official_step_and_the_compiled_re
                 row("assign", "B2", "fused (triton)", 3.0),
                 row("attention fwd", "B1", "ours (csrc)", 2.0),
                 row("attention fwd", "B1", "SDPA flash", 1.0),
+                row("attention fwd dropout 0.1", "B1", "ours (csrc)", 3.0),
+                row("attention fwd dropout 0.1", "B1", "SDPA flash", 1.5),
             ],
         ),
         payload(
@@ -138,6 +151,7 @@ def test_report_headline_rows_compare_with_the_official_step_and_the_compiled_re
     # over the shapes: ours 3-4 ms against 1-1.5 ms, the compiled reference's time over ours 0.25-0.50
     assert "| assign, fused (triton) | 3.000-4.000 | reference compiled | 1.000-1.500 | 0.25-0.50x | – |" in latest
     assert "| attention fwd, ours (csrc) | 2.000 | SDPA flash | 1.000 | 0.50x | – |" in latest
+    assert "| attention fwd dropout 0.1, ours (csrc) | 3.000 | SDPA flash | 1.500 | 0.50x | – |" in latest  # apart
     every_card = report.generated(results)[report.BENCHMARKS_README]["perf-summary"]
     assert every_card.index("**H200**") < every_card.index("**H100**")
 
