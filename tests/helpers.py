@@ -167,7 +167,8 @@ def dropout_keep_mask(
     rng_state: torch.Tensor, heads: int, query_start: int, length: int, dropout_p: float
 ) -> torch.Tensor:
     """(heads, length, length) bool: which attention weights of the sequence starting at token `query_start`
-    the kernels keep, for the same rng_state (csrc/flash/philox.h: one draw of four per 2x2 block of weights)."""
+    the kernels keep, for the same rng_state (csrc/flash/philox.h: one call's four draws per block of weights
+    {q, q + 8} x {k, k + 8})."""
     seed, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in rng_state.cpu().tolist())
     return _dropout_keep_mask(seed, offset, heads, query_start, length, dropout_p).clone()
 
@@ -176,12 +177,14 @@ def dropout_keep_mask(
 def _dropout_keep_mask(
     seed: int, offset: int, heads: int, query_start: int, length: int, dropout_p: float
 ) -> torch.Tensor:
-    blocks = (length + 1) // 2  # one Philox call per 2x2 block: draw 2*(query & 1) + (key & 1) of its four
-    head, query_block, key_block = np.meshgrid(np.arange(heads), np.arange(blocks), np.arange(blocks), indexing="ij")
+    tiles = (length + 15) // 16  # a block's q is 16a + b (b < 8), its k 16c + d: counter (start + q, 8c + d)
+    block_queries = (16 * np.arange(tiles)[:, None] + np.arange(8)).ravel()
+    head, query, key_block = np.meshgrid(np.arange(heads), block_queries, np.arange(8 * tiles), indexing="ij")
     counter = np.stack(
-        [query_start + 2 * query_block, key_block, head, np.full_like(key_block, offset & 0xFFFFFFFF)], axis=-1
+        [query_start + query, key_block, head, np.full_like(key_block, offset & 0xFFFFFFFF)], axis=-1
     ).astype(np.uint32)
-    draws = philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32).reshape(heads, blocks, blocks, 2, 2)
-    draws = draws.transpose(0, 1, 3, 2, 4).reshape(heads, 2 * blocks, 2 * blocks)[:, :length, :length]
+    # draw 2 * query_high + key_high of the four goes to weight (q + 8 query_high, k + 8 key_high)
+    draws = philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32).reshape(heads, tiles, 8, tiles, 8, 2, 2)
+    draws = draws.transpose(0, 1, 5, 2, 3, 6, 4).reshape(heads, 16 * tiles, 16 * tiles)[:, :length, :length]
     threshold = int(np.ldexp(dropout_p, 32))
     return torch.from_numpy(draws >= np.uint32(min(threshold, 2**32 - 1)))

@@ -189,23 +189,26 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     // P = exp(S·scale − lse); with dropout Z = keep / (1 − p): dV = (P∘Z)ᵀ dO, dS = P ∘ (Z∘dP − delta).
     // dV's product takes P∘keep and 1 / (1 − p) scales the fp32 dV once at the end, as FlashAttention-2 does:
     // rounding P / (1 − p) to the input dtype would add an error PyTorch does not make.
+    // Dropout: the lane's keys g, g + 8 and queries 2t + c, 2t + c + 8 of n-tiles 2j, 2j + 1 are dropout block c's,
+    // the forward's blocks seen transposed.
     float grad_logit[kQueryTiles][4];
+    Philox4 draws[2];
     SPIDR_UNROLL
     for (int nt = 0; nt < kQueryTiles; ++nt) {
-      Philox4 draws[2];  // this lane's queries 2t, 2t+1 share a block with each of its keys
       if constexpr (Dropout) {
-        SPIDR_UNROLL
-        for (int r = 0; r < 2; ++r)
-          draws[r] = dropout_draws(p.rng_state, head, start, m0 + nt * 8 + 2 * t, n0 + key_rows[r]);
+        if (nt % 2 == 0) {
+          SPIDR_UNROLL
+          for (int c = 0; c < 2; ++c)
+            draws[c] = dropout_draws(p.rng_state, head, start, m0 + nt * 8 + 2 * t + c, n0 + key_rows[0]);
+        }
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
         int query = nt * 8 + 2 * t + i % 2;
-        int key = n0 + key_rows[i / 2];
         float probability = key_valid[i / 2] ? fast_exp2(prob[nt][i] * scale_log2 - lse_tile[query] * kLog2e) : 0.0f;
         float dropped = probability, grad = grad_prob[nt][i];
         if constexpr (Dropout) {
-          bool keep = draw_of(draws[i / 2], m0 + query, key) >= p.drop_threshold;
+          bool keep = draw_of(draws[i % 2], nt % 2, i / 2) >= p.drop_threshold;
           dropped = keep ? probability : 0.0f;
           grad = keep ? grad * p.keep_scale : 0.0f;
         }

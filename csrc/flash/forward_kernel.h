@@ -219,20 +219,23 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) tile[i] *= correction[i / 2];
 
+    // Dropout: the lane's rows g, g + 8 and keys 2t + c, 2t + c + 8 of n-tiles 2j, 2j + 1 are dropout block c's.
+    Philox4 draws[2];
     SPIDR_UNROLL
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      Philox4 draws[2];  // this lane's row r holds keys 2t, 2t+1 of the tile: one dropout block per row
       if constexpr (Dropout) {
-        SPIDR_UNROLL
-        for (int r = 0; r < 2; ++r)
-          draws[r] = dropout_draws(p.rng_state, head, start, rows[r], n0 + nt * 8 + 2 * t);
+        if (nt % 2 == 0) {
+          SPIDR_UNROLL
+          for (int c = 0; c < 2; ++c)
+            draws[c] = dropout_draws(p.rng_state, head, start, rows[0], n0 + nt * 8 + 2 * t + c);
+        }
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {
         float weight = fast_exp2(s[nt][i] - subtracted_max[i / 2]);
         row_sum[i / 2] += weight;  // the softmax normalises over every weight, dropped or not
         if constexpr (Dropout) {
-          if (draw_of(draws[i / 2], rows[i / 2], n0 + nt * 8 + 2 * t + i % 2) < p.drop_threshold) weight = 0.0f;
+          if (draw_of(draws[i % 2], i / 2, nt % 2) < p.drop_threshold) weight = 0.0f;
         }
         s[nt][i] = weight;
       }
