@@ -73,15 +73,25 @@ SPIDR_GLOBAL void flash_backward_delta_kernel(BackwardParams p) {
   }
 }
 
-template <typename Element>
+template <typename Element, int HeadDim>
 SPIDR_GLOBAL void flash_backward_grad_q_kernel(BackwardParams p) {
-  // dQ = softmax_scale · (Σ dS K), rounded once from the fp32 accumulator.
-  int64_t index = int64_t(block_index().x) * kThreads + thread_index();
-  if (index >= int64_t(p.total_tokens) * p.heads * p.head_dim) return;
-  int64_t token = index / (int64_t(p.heads) * p.head_dim);
-  int head = int(index / p.head_dim % p.heads), d = int(index % p.head_dim);
-  auto* grad_q = static_cast<uint16_t*>(p.grad_q) + token * p.grad_token_stride + head * p.grad_head_stride;
-  grad_q[d] = round_to<Element>(p.grad_q_accum[index] * p.softmax_scale);
+  // dQ = softmax_scale · (Σ dS K), rounded once from the fp32 accumulator; 8 elements a thread (32 bytes read, 16
+  // written), one division per 8 instead of one per element.
+  constexpr int kPartsPerRow = HeadDim / 8;
+  const int64_t index = int64_t(block_index().x) * kThreads + thread_index();  // (row, part) of 8 elements
+  const int64_t row = index / kPartsPerRow;
+  if (row >= int64_t(p.total_tokens) * p.heads) return;
+  const int64_t token = row / p.heads;
+  const int head = int(row % p.heads), part = int(index % kPartsPerRow);
+  float low[4], high[4];
+  load_16(p.grad_q_accum + index * 8, low);
+  load_16(p.grad_q_accum + index * 8 + 4, high);
+  const float scale = p.softmax_scale;
+  const uint32_t words[4] = {Element::pack(low[0] * scale, low[1] * scale), Element::pack(low[2] * scale, low[3] * scale),
+                             Element::pack(high[0] * scale, high[1] * scale),
+                             Element::pack(high[2] * scale, high[3] * scale)};
+  store_16(static_cast<uint16_t*>(p.grad_q) + token * p.grad_token_stride + head * p.grad_head_stride + part * 8,
+           words);
 }
 
 template <typename Element, int HeadDim, bool Dropout>
@@ -152,11 +162,17 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       rows[kBlockM + i] = valid ? delta[m0 + i] : 0.0f;
     }
   };
-  load_query_tile(0, 0);
+  // The key blocks of one (sequence, head) run side by side and add into the same dQ rows. Each starts its walk at
+  // the query tile of its own keys and wraps around, so at any moment they add into different rows instead of
+  // queueing on the same addresses.
+  const int query_tiles_count = (seqlen + kBlockM - 1) / kBlockM;
+  auto after = [&](int m0) { return m0 + kBlockM == query_tiles_count * kBlockM ? 0 : m0 + kBlockM; };
+  int m0 = n0 / kBlockM % query_tiles_count * kBlockM;
+  load_query_tile(m0, 0);
 
-  for (int m0 = 0, stage = 0; m0 < seqlen; m0 += kBlockM, stage = (stage + 1) % Smem::kStages) {
+  for (int i = 0, stage = 0; i < query_tiles_count; ++i, m0 = after(m0), stage = (stage + 1) % Smem::kStages) {
     if constexpr (Smem::kStages == 1) {
-      if (m0 > 0) {
+      if (i > 0) {
         sync_block();  // the previous query tile is no longer read
         load_query_tile(m0, 0);
       }
@@ -164,7 +180,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
     wait_async();
     sync_block();  // this tile is in place for every thread; no warp still reads the other stage or dS
     if constexpr (Smem::kStages == 2) {
-      if (m0 + kBlockM < seqlen) load_query_tile(m0 + kBlockM, stage ^ 1);
+      if (i + 1 < query_tiles_count) load_query_tile(after(m0), stage ^ 1);
     }
     const uint16_t* q_tile = query_tiles + 2 * stage * Smem::kQueryTile;
     const uint16_t* grad_out_tile = q_tile + Smem::kQueryTile;
@@ -255,10 +271,7 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       if (query >= seqlen) continue;
       float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim + dim0;
       SPIDR_UNROLL
-      for (int dt = 0; dt < kPartTiles; ++dt) {
-        atomic_add(row + dt * 8 + 2 * t, grad_q[dt][2 * r]);
-        atomic_add(row + dt * 8 + 2 * t + 1, grad_q[dt][2 * r + 1]);
-      }
+      for (int dt = 0; dt < kPartTiles; ++dt) atomic_add_pair(row + dt * 8 + 2 * t, grad_q[dt][2 * r], grad_q[dt][2 * r + 1]);
     }
   }
 

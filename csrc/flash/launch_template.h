@@ -52,7 +52,8 @@ void run_backward(const BackwardParams& p, uintptr_t stream) {
   using Config = BackwardConfig<HeadDim>;
   launch(kernel, ceil_div(p.max_seqlen, Config::kBlockKeys), p.heads, p.batch, Config::kThreads, Config::kBytes,
          stream, p);
-  launch(&flash_backward_grad_q_kernel<Element>, ceil_div(rows * HeadDim, kThreads), 1, 1, kThreads, 0, stream, p);
+  launch(&flash_backward_grad_q_kernel<Element, HeadDim>, ceil_div(rows * HeadDim / 8, kThreads), 1, 1, kThreads, 0,
+         stream, p);
 }
 
 }  // namespace spidr

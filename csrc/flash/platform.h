@@ -109,6 +109,15 @@ SPIDR_DEVICE void load_16(const void* address, uint32_t (&words)[4]) {
 #endif
 }
 
+SPIDR_DEVICE void load_16(const float* address, float (&values)[4]) {
+#ifdef SPIDR_EMULATE
+  std::memcpy(values, address, 16);
+#else
+  const float4 vector = *reinterpret_cast<const float4*>(address);
+  values[0] = vector.x, values[1] = vector.y, values[2] = vector.z, values[3] = vector.w;
+#endif
+}
+
 SPIDR_DEVICE void store_16(void* address, const uint32_t (&words)[4]) {
 #ifdef SPIDR_EMULATE
   std::memcpy(address, words, 16);
@@ -160,11 +169,17 @@ SPIDR_DEVICE float shfl_xor(float value, int lane_mask) {
 #endif
 }
 
-SPIDR_DEVICE void atomic_add(float* address, float value) {
+// address[0] += first, address[1] += second; address 8-byte aligned. Hopper adds both in one vector atomic (one
+// RED.64 instead of two RED.32 a lane), earlier cards in two.
+SPIDR_DEVICE void atomic_add_pair(float* address, float first, float second) {
 #ifdef SPIDR_EMULATE
-  *address += value;  // the emulator runs one fiber at a time
+  address[0] += first;  // the emulator runs one fiber at a time
+  address[1] += second;
+#elif __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(first, second));
 #else
-  atomicAdd(address, value);
+  atomicAdd(address, first);
+  atomicAdd(address + 1, second);
 #endif
 }
 
