@@ -101,7 +101,10 @@ def test_triton_path_in_16_bit_is_within_twice_the_official_stacks_error(dtype):
     # The margin: two independent roundings of the same values differ by up to their sum.
     assert relative_error(ours, exact) <= 2 * relative_error(official, exact)
     for name, mine, theirs, truth in zip(
-        ["waveforms", *(f"parameter {i}" for i in range(len(exact_grads) - 1))], ours_grads, official_grads, exact_grads,
+        ["waveforms", *(f"parameter {i}" for i in range(len(exact_grads) - 1))],
+        ours_grads,
+        official_grads,
+        exact_grads,
         strict=True,
     ):
         assert relative_error(mine, truth) <= 2 * relative_error(theirs, truth) + 1e-6, name
