@@ -95,6 +95,8 @@ def ncu_kernels() -> tuple[list[dict], str]:
     an error ('' when ncu ran). ncu's own output ends up in the log (no extra file: a device call returns 8)."""
     command = [
         "ncu",
+        "--clock-control",  # ncu locks the clocks to base by default; the card's settings are not ours to change
+        "none",
         "--profile-from-start",
         "off",
         "--csv",

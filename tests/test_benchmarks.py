@@ -307,6 +307,23 @@ def test_ncu_raw_csv_gives_each_kernel_its_metrics():
     }
 
 
+def test_ncu_leaves_the_clocks_alone(monkeypatch):
+    """The lent card's clocks are not ours to change: ncu's default locks them to base while it profiles."""
+    import subprocess
+
+    from benchmarks import step_profile
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **_: commands.append(command) or _Done())
+    step_profile.ncu_kernels()
+    (command,) = commands
+    assert command[command.index("--clock-control") + 1] == "none"
+
+
+class _Done:
+    returncode, stdout, stderr = 0, "", ""
+
+
 def test_only_the_official_dynamic_compile_failing_in_inductor_is_a_known_failure():
     """It failed on both cards in torch 2.11's inductor; any other error, or that error elsewhere, fails the run."""
     assert "torch 2.11's inductor" in train_step.known_failure("official compiled", "InductorError: AssertionError: ")
