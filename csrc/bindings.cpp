@@ -57,7 +57,10 @@ void run(const ForwardParams& p, uintptr_t stream) {
 
 template <typename Element, int HeadDim>
 void run(const BackwardParams& p, uintptr_t stream) {
-  spidr::run_backward<Element, HeadDim>(p, stream);
+  if (p.grad_q_accum == nullptr)  // deterministic mode
+    spidr::run_backward_deterministic<Element, HeadDim>(p, stream);
+  else
+    spidr::run_backward<Element, HeadDim>(p, stream);
 }
 
 template <typename Params>

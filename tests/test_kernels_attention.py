@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import dropout_keep_mask, philox4x32_10
 
+from benchmarks.common import deterministic_algorithms
 from spidr_fast import ops
 from spidr_fast.ops.kernels import attention as attention_kernel
 from spidr_fast.ops.kernels.attention import flash_attention_varlen
@@ -67,6 +68,7 @@ def check_against_float32(
     packed_qkv=False,
     strided_grad_out=False,
     magnitudes=(1.0, 1.0, 1.0),
+    deterministic=False,
     device="cpu",
 ):
     """The kernel's out, dq, dk, dv against float32 attention by flash-attention's rule (assert_flash_rule).
@@ -74,7 +76,7 @@ def check_against_float32(
     key_mask, (total_tokens,) bool, sends the sequences (all of one length) through the padded API. packed_qkv
     makes q, k, v strided views of one (tokens, 3, heads, head_dim) tensor, as a fused projection gives them;
     strided_grad_out gives dO a token stride of 2·heads·head_dim; magnitudes multiply q, k, v (flash-attention's
-    overflow cases)."""
+    overflow cases); deterministic runs the kernel's backward in deterministic mode (dQ by its own pass)."""
     total = int(sum(lengths))
     cu_seqlens = cu_seqlens_of(lengths).to(device)
     qkv = torch.randn(total, 3, heads, head_dim, device=device) * torch.tensor(magnitudes, device=device)[:, None, None]
@@ -103,7 +105,9 @@ def check_against_float32(
         (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dt)[..., :head_dim])
         return out, *grad.unbind(1)
 
-    exact, torch_low, mine = run(reference, torch.float32), run(reference, dtype), run(ours, dtype)
+    exact, torch_low = run(reference, torch.float32), run(reference, dtype)
+    with deterministic_algorithms(deterministic):
+        mine = run(ours, dtype)
     for name, result, low, ref in zip(("out", "dq", "dk", "dv"), mine, torch_low, exact):
         assert result.dtype == dtype and result.shape == ref.shape
         assert result.isfinite().all(), f"{name} has NaN or inf"
@@ -283,8 +287,10 @@ def test_dropout_scales_dv_once_in_float32(device, dtype, head_dim):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.17])
-def test_a_rerun_gives_the_same_bits(device, dropout_p):
-    """The forward has no atomics, nor has dK and dV's accumulation (dQ adds with atomics): a rerun must match."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_rerun_gives_the_same_bits(device, dropout_p, deterministic):
+    """The forward has no atomics, nor has dK and dV's accumulation: a rerun must match. dQ adds with atomics,
+    except in deterministic mode, where its own pass sums it in a fixed order: then dq must match too."""
     lengths = [70, 5] if device == "cpu" else TILE_EDGES + LONG_TILE_EDGES
     heads = heads_for(device)
     q, k, v = (
@@ -293,13 +299,28 @@ def test_a_rerun_gives_the_same_bits(device, dropout_p):
     grad_out = torch.randn_like(q)
     cu_seqlens = cu_seqlens_of(lengths).to(device)
     rng_state = torch.tensor([7, 3], device=device)
+    compared = (q, k, v) if deterministic else (k, v)
 
     def run():
         out = flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), dropout_p=dropout_p, rng_state=rng_state)
-        return out, *torch.autograd.grad(out, (k, v), grad_out)
+        return out, *torch.autograd.grad(out, compared, grad_out)
 
-    for first, second in zip(run(), run()):
-        assert torch.equal(first, second)
+    with deterministic_algorithms(deterministic):
+        for first, second in zip(run(), run()):
+            assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+def test_deterministic_mode_sums_dq_without_atomics(device, head_dim, dropout_p):
+    """Deterministic mode trains on the kernel: dK and dV leave out dQ, and dQ's own pass (csrc/flash/grad_q_kernel.h)
+    recomputes P and dP per query block; held to the same rule as the atomic backward, packed and padded."""
+    heads = heads_for(device, dropout_p)  # the tile edges only, on a GPU too: the device check's minutes are few
+    check_against_float32(TILE_EDGES, heads, head_dim, torch.bfloat16, dropout_p, deterministic=True, device=device)
+    key_mask = torch.rand(4 * 129) < 0.8  # the padded API with masked keys
+    check_against_float32(
+        [129] * 4, heads, head_dim, torch.float16, dropout_p, key_mask=key_mask, deterministic=True, device=device
+    )
 
 
 def _dispatched_ops(fn):
@@ -512,16 +533,6 @@ def test_unsupported_inputs_fall_back_to_sdpa_unless_cuda_is_forced(emulated_fla
     out = attention_kernel._attention_flash(q, k, v, None, None, None, 0.0, None)
     ops.set_backend("reference")
     torch.testing.assert_close(out, ops.attention(q, k, v))
-
-
-def test_deterministic_mode_trains_on_sdpa(emulated_flash):
-    q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16, requires_grad=True)
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert "deterministic" in attention_kernel.unsupported_reason(q)
-        assert attention_kernel.unsupported_reason(q.detach()) is None  # inference stays on the kernel
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def test_extension_absent_means_sdpa(monkeypatch):

@@ -2,7 +2,8 @@
 // head) and walks the 64-query tiles: each warp recomputes its 16 keys' probabilities Pᵀ from the saved
 // log-sum-exp, accumulates dV and dK in registers, and the block adds its share of dQ into an fp32 buffer with
 // atomics.
-// Two helper kernels: delta = rowsum(dO ∘ O) (and the fp32 dQ buffer zeroed) before, dQ's rounding after.
+// Two helper kernels: delta = rowsum(dO ∘ O) (and the fp32 dQ buffer zeroed) before, dQ's rounding after. In
+// deterministic mode (no dQ buffer) the blocks leave dQ out and grad_q_kernel.h's pass sums it without atomics.
 #pragma once
 
 #include "forward_kernel.h"
@@ -15,7 +16,7 @@ namespace spidr {
 // Alone on its SM, such a block has no other block to hide its loads behind, so its query tiles are
 // double-buffered: the next one loads (cp.async) while this one is computed on. Head dim 128 keeps 4 warps on
 // 64 keys and one buffer (250-254 registers; two buffers would also leave one block per SM by shared memory).
-template <int HeadDim>
+template <int HeadDim, bool AtomicGradQ>
 struct BackwardConfig {
   static constexpr int kWarps = HeadDim == 64 ? 8 : 4;
   static constexpr int kThreads = kWarps * kWarpSize;
@@ -27,7 +28,7 @@ struct BackwardConfig {
   static constexpr int kDsStride = kBlockKeys + 8;     // dS tile, (query, key)
   static constexpr int kKeyTile = kBlockKeys * kStride;
   static constexpr int kQueryTile = kBlockM * kStride;
-  static constexpr int kElements = 2 * kKeyTile + kStages * 2 * kQueryTile + kBlockM * kDsStride;
+  static constexpr int kElements = 2 * kKeyTile + kStages * 2 * kQueryTile + (AtomicGradQ ? kBlockM * kDsStride : 0);
   static constexpr int kBytes = kElements * 2 + kStages * 2 * kBlockM * 4;  // + lse and delta of each query tile
 };
 
@@ -41,8 +42,8 @@ constexpr int delta_rows_per_block() {
 
 template <typename Element, int HeadDim>
 SPIDR_GLOBAL void flash_backward_delta_kernel(BackwardParams p) {
-  // delta = Σ_d dO·O in fp32 per (token, head), and the row's fp32 dQ accumulator zeroed in the same pass (no
-  // separate memset launch before the backward).
+  // delta = Σ_d dO·O in fp32 per (token, head), and the row's fp32 dQ accumulator, if any, zeroed in the same pass
+  // (no separate memset launch before the backward).
   constexpr int kLanesPerRow = HeadDim / 8;
   const int64_t rows = int64_t(p.total_tokens) * p.heads;
   const int part = thread_index() % kLanesPerRow;
@@ -63,10 +64,12 @@ SPIDR_GLOBAL void flash_backward_delta_kernel(BackwardParams p) {
         const int shift = (i % 2) * 16;
         sum += Element::to_float(uint16_t(out[i / 2] >> shift)) * Element::to_float(uint16_t(grad_out[i / 2] >> shift));
       }
-      const uint32_t zeros[4] = {0, 0, 0, 0};
-      float* accum = p.grad_q_accum + row * HeadDim + part * 8;
-      store_16(accum, zeros);
-      store_16(accum + 4, zeros);
+      if (p.grad_q_accum != nullptr) {
+        const uint32_t zeros[4] = {0, 0, 0, 0};
+        float* accum = p.grad_q_accum + row * HeadDim + part * 8;
+        store_16(accum, zeros);
+        store_16(accum + 4, zeros);
+      }
     }
     for (int mask = 1; mask < kLanesPerRow; mask *= 2) sum += shfl_xor(sum, mask);  // the row's lanes
     if (valid && part == 0) p.delta[int64_t(head) * p.total_tokens + token] = sum;
@@ -94,9 +97,9 @@ SPIDR_GLOBAL void flash_backward_grad_q_kernel(BackwardParams p) {
            words);
 }
 
-template <typename Element, int HeadDim, bool Dropout>
+template <typename Element, int HeadDim, bool Dropout, bool AtomicGradQ>
 SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
-  using Smem = BackwardConfig<HeadDim>;
+  using Smem = BackwardConfig<HeadDim, AtomicGradQ>;
   constexpr int kKSteps = HeadDim / 16;
   constexpr int kDimTiles = HeadDim / 8;
   constexpr int kQueryTiles = kBlockM / 8;
@@ -243,35 +246,38 @@ SPIDR_GLOBAL void flash_backward_kernel(BackwardParams p) {
       mma_kn_tile<Element>(grad_k, a_grad, q_tile, Smem::kStride, kk * 16);
     }
 
-    // dS to shared memory as (query, key), then dQ[queries] += dS K: warp w takes the 16 queries from 16 (w % 4)
-    // and part w / 4 of the head dim, over all the block's keys.
-    SPIDR_UNROLL
-    for (int nt = 0; nt < kQueryTiles; ++nt)
+    if constexpr (AtomicGradQ) {
+      // dS to shared memory as (query, key), then dQ[queries] += dS K: warp w takes the 16 queries from 16 (w % 4)
+      // and part w / 4 of the head dim, over all the block's keys.
       SPIDR_UNROLL
-      for (int i = 0; i < 4; ++i)
-        ds_tile[(nt * 8 + 2 * t + i % 2) * Smem::kDsStride + key_rows[i / 2]] = round_to<Element>(grad_logit[nt][i]);
-    sync_block();
-    constexpr int kPartTiles = kDimTiles / Smem::kDimParts;
-    const int query_group = Smem::kDimParts == 1 ? warp : warp % 4;
-    const int dim0 = Smem::kDimParts == 1 ? 0 : warp / 4 * kPartTiles * 8;
-    float grad_q[kPartTiles][4];
-    SPIDR_UNROLL
-    for (auto& tile : grad_q)
+      for (int nt = 0; nt < kQueryTiles; ++nt)
+        SPIDR_UNROLL
+        for (int i = 0; i < 4; ++i)
+          ds_tile[(nt * 8 + 2 * t + i % 2) * Smem::kDsStride + key_rows[i / 2]] = round_to<Element>(grad_logit[nt][i]);
+      sync_block();
+      constexpr int kPartTiles = kDimTiles / Smem::kDimParts;
+      const int query_group = Smem::kDimParts == 1 ? warp : warp % 4;
+      const int dim0 = Smem::kDimParts == 1 ? 0 : warp / 4 * kPartTiles * 8;
+      float grad_q[kPartTiles][4];
       SPIDR_UNROLL
-      for (float& x : tile) x = 0.0f;
-    SPIDR_UNROLL
-    for (int kk = 0; kk < Smem::kBlockKeys / 16; ++kk) {
-      uint32_t a[4];
-      load_a(ds_tile, Smem::kDsStride, query_group * 16, kk * 16, a);
-      mma_kn_tile<Element>(grad_q, a, k_tile + dim0, Smem::kStride, kk * 16);
-    }
-    SPIDR_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      int query = m0 + query_group * 16 + g + r * 8;
-      if (query >= seqlen) continue;
-      float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim + dim0;
+      for (auto& tile : grad_q)
+        SPIDR_UNROLL
+        for (float& x : tile) x = 0.0f;
       SPIDR_UNROLL
-      for (int dt = 0; dt < kPartTiles; ++dt) atomic_add_pair(row + dt * 8 + 2 * t, grad_q[dt][2 * r], grad_q[dt][2 * r + 1]);
+      for (int kk = 0; kk < Smem::kBlockKeys / 16; ++kk) {
+        uint32_t a[4];
+        load_a(ds_tile, Smem::kDsStride, query_group * 16, kk * 16, a);
+        mma_kn_tile<Element>(grad_q, a, k_tile + dim0, Smem::kStride, kk * 16);
+      }
+      SPIDR_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        int query = m0 + query_group * 16 + g + r * 8;
+        if (query >= seqlen) continue;
+        float* row = p.grad_q_accum + (int64_t(start + query) * p.heads + head) * p.head_dim + dim0;
+        SPIDR_UNROLL
+        for (int dt = 0; dt < kPartTiles; ++dt)
+          atomic_add_pair(row + dt * 8 + 2 * t, grad_q[dt][2 * r], grad_q[dt][2 * r + 1]);
+      }
     }
   }
 

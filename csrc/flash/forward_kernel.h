@@ -118,6 +118,35 @@ SPIDR_DEVICE SequenceBounds sequence_bounds(const AttentionParams& p, int sequen
   return {start, p.cu_seqlens[sequence + 1] - start};
 }
 
+// A warp's 16 rows (its lane's rows[0], rows[1]) of a (tokens, heads, head_dim) head as A fragments, straight
+// from global memory (once per block: Q in the forward, Q and dO in the dQ pass); rows past `rows_count` are 0.
+template <int HeadDim>
+SPIDR_DEVICE void load_row_fragments(const uint16_t* source, int64_t token_stride, const int (&rows)[2], int rows_count,
+                                     uint32_t (&frag)[HeadDim / 16][4]) {
+  const int t = thread_index() % 4;
+  SPIDR_UNROLL
+  for (int kk = 0; kk < HeadDim / 16; ++kk) {
+    SPIDR_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      int row = rows[r % 2], column = kk * 16 + 2 * t + (r >= 2 ? 8 : 0);
+      frag[kk][r] = row < rows_count ? load_u32(source + int64_t(row) * token_stride + column) : 0u;
+    }
+  }
+}
+
+// Issues key tile n0 of K and V into `stage` of a block's double buffer (K then V, each kBlockN x Stride; the
+// caller waits and syncs before use) and writes one validity byte per key: in the sequence and not masked.
+template <int HeadDim, int Threads, int Stride>
+SPIDR_DEVICE void prefetch_key_tile(uint16_t* tiles, uint8_t* valid_bytes, const uint16_t* k, const uint16_t* v,
+                                    const AttentionParams& p, int start, int seqlen, int n0, int stage) {
+  constexpr int kTile = kBlockN * Stride;
+  load_tile_async<HeadDim, kBlockN, Threads>(tiles + (2 * stage) * kTile, Stride, k, p.k_token_stride, n0, seqlen);
+  load_tile_async<HeadDim, kBlockN, Threads>(tiles + (2 * stage + 1) * kTile, Stride, v, p.v_token_stride, n0, seqlen);
+  commit_async();
+  for (int key = thread_index(); key < kBlockN; key += Threads)
+    valid_bytes[stage * kBlockN + key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
+}
+
 template <typename Element, int HeadDim, bool Dropout>
 SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads),
                                       (ForwardConfig<HeadDim, Dropout>::kMinBlocks))
@@ -143,25 +172,11 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads
 
   uint16_t* const smem = dynamic_shared_memory();
   auto* const valid_bytes = reinterpret_cast<uint8_t*>(smem + Config::kElements);
-  auto prefetch = [&](int n0, int stage) {  // issue tile n0 into `stage`; the caller waits and syncs before use
-    load_tile_async<HeadDim, kBlockN, Config::kThreads>(smem + (2 * stage) * Config::kTile, Config::kStride, k,
-                                                        p.k_token_stride, n0, seqlen);
-    load_tile_async<HeadDim, kBlockN, Config::kThreads>(smem + (2 * stage + 1) * Config::kTile, Config::kStride, v,
-                                                        p.v_token_stride, n0, seqlen);
-    commit_async();
-    for (int key = thread_index(); key < kBlockN; key += Config::kThreads)
-      valid_bytes[stage * kBlockN + key] = n0 + key < seqlen && (p.key_mask == nullptr || p.key_mask[start + n0 + key]);
+  auto prefetch = [&](int n0, int stage) {
+    prefetch_key_tile<HeadDim, Config::kThreads, Config::kStride>(smem, valid_bytes, k, v, p, start, seqlen, n0, stage);
   };
-  // The warp's 16 query rows as A fragments, loaded once.
-  uint32_t q_frag[kKSteps][4];
-  SPIDR_UNROLL
-  for (int kk = 0; kk < kKSteps; ++kk) {
-    SPIDR_UNROLL
-    for (int r = 0; r < 4; ++r) {
-      int row = rows[r % 2], column = kk * 16 + 2 * t + (r >= 2 ? 8 : 0);
-      q_frag[kk][r] = row < seqlen ? load_u32(q + int64_t(row) * p.q_token_stride + column) : 0u;
-    }
-  }
+  uint32_t q_frag[kKSteps][4];  // the warp's 16 query rows, loaded once
+  load_row_fragments<HeadDim>(q, p.q_token_stride, rows, seqlen, q_frag);
   prefetch(0, 0);
 
   float acc[kDimTiles][4];

@@ -1,4 +1,4 @@
-// Host entry points of the kernels, one pair per (element type, head dim); defined in the per-head-dim files.
+// Host entry points of the kernels, per (element type, head dim); defined in the per-head-dim files.
 #pragma once
 
 #include <cstdint>
@@ -15,5 +15,9 @@ void run_forward(const ForwardParams& params, uintptr_t stream);
 
 template <typename Element, int HeadDim>
 void run_backward(const BackwardParams& params, uintptr_t stream);
+
+// Deterministic mode (params.grad_q_accum null): dK and dV without dQ's atomics, then dQ by its own pass.
+template <typename Element, int HeadDim>
+void run_backward_deterministic(const BackwardParams& params, uintptr_t stream);
 
 }  // namespace spidr

@@ -7,6 +7,7 @@
 
 #include "backward_kernel.h"
 #include "forward_kernel.h"
+#include "grad_q_kernel.h"
 #include "launch.h"
 
 namespace spidr {
@@ -42,18 +43,33 @@ void run_forward(const ForwardParams& p, uintptr_t stream) {
   p.dropout ? run(std::true_type{}) : run(std::false_type{});
 }
 
-template <typename Element, int HeadDim>
-void run_backward(const BackwardParams& p, uintptr_t stream) {
-  int64_t rows = int64_t(p.total_tokens) * p.heads;
-  launch(&flash_backward_delta_kernel<Element, HeadDim>, ceil_div(rows, delta_rows_per_block<HeadDim>()), 1, 1,
-         kThreads, 0, stream, p);
-  auto kernel =
-      p.dropout ? &flash_backward_kernel<Element, HeadDim, true> : &flash_backward_kernel<Element, HeadDim, false>;
-  using Config = BackwardConfig<HeadDim>;
+// The delta pass, then the backward blocks (dK, dV, and dQ's atomics when AtomicGradQ).
+template <typename Element, int HeadDim, bool AtomicGradQ>
+void run_backward_blocks(const BackwardParams& p, uintptr_t stream) {
+  launch(&flash_backward_delta_kernel<Element, HeadDim>, ceil_div(int64_t(p.total_tokens) * p.heads,
+         delta_rows_per_block<HeadDim>()), 1, 1, kThreads, 0, stream, p);
+  using Config = BackwardConfig<HeadDim, AtomicGradQ>;
+  auto kernel = p.dropout ? &flash_backward_kernel<Element, HeadDim, true, AtomicGradQ>
+                          : &flash_backward_kernel<Element, HeadDim, false, AtomicGradQ>;
   launch(kernel, ceil_div(p.max_seqlen, Config::kBlockKeys), p.heads, p.batch, Config::kThreads, Config::kBytes,
          stream, p);
-  launch(&flash_backward_grad_q_kernel<Element, HeadDim>, ceil_div(rows * HeadDim / 8, kThreads), 1, 1, kThreads, 0,
-         stream, p);
+}
+
+template <typename Element, int HeadDim>
+void run_backward(const BackwardParams& p, uintptr_t stream) {
+  run_backward_blocks<Element, HeadDim, true>(p, stream);
+  launch(&flash_backward_grad_q_kernel<Element, HeadDim>, ceil_div(int64_t(p.total_tokens) * p.heads * HeadDim / 8,
+         kThreads), 1, 1, kThreads, 0, stream, p);
+}
+
+template <typename Element, int HeadDim>
+void run_backward_deterministic(const BackwardParams& p, uintptr_t stream) {
+  run_backward_blocks<Element, HeadDim, false>(p, stream);
+  using Config = GradQConfig<HeadDim>;
+  auto kernel = p.dropout ? &flash_backward_grad_q_pass_kernel<Element, HeadDim, true>
+                          : &flash_backward_grad_q_pass_kernel<Element, HeadDim, false>;
+  launch(kernel, ceil_div(p.max_seqlen, Config::kBlockM), p.heads, p.batch, Config::kThreads, Config::kBytes, stream,
+         p);
 }
 
 }  // namespace spidr

@@ -42,7 +42,9 @@ struct BackwardParams : AttentionParams {
   int64_t grad_out_token_stride, grad_out_head_stride;
   const float* lse;
   float* delta;        // (heads, total_tokens) workspace: rowsum(grad_out * out)
-  float* grad_q_accum; // (total_tokens, heads, head_dim) fp32 workspace, zeroed by the delta kernel
+  // (total_tokens, heads, head_dim) fp32 workspace for dQ's atomics, zeroed by the delta kernel; null in
+  // deterministic mode, where dQ is summed by its own pass without atomics
+  float* grad_q_accum;
   void* grad_q;
   void* grad_k;
   void* grad_v;

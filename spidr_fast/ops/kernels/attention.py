@@ -58,8 +58,6 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
         return f"dtype {q.dtype} (the kernels take bfloat16 or float16)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (the kernels take {HEAD_DIMS})"
-    if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and q.requires_grad:
-        return "deterministic algorithms are on, and the backward adds dQ with atomics"
     return None
 
 
@@ -117,10 +115,13 @@ def _backward(
     grad_out, q, k, v, out = (aligned(t) for t in (grad_out, q, k, v, out))
     grad_q, grad_k, grad_v = (torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device) for _ in "qkv")
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    grad_q_accum = torch.empty((total, heads, head_dim), dtype=torch.float32, device=q.device)  # zeroed by the kernels
+    # dQ's fp32 accumulator for the atomic backward (zeroed by the kernels); deterministic mode passes none, and the
+    # extension sums dQ in a pass of its own, in a fixed order.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    grad_q_accum = None if deterministic else torch.empty((total, heads, head_dim), dtype=torch.float32, device=q.device)
     _extension.backward(
         _dtype_name(q), _view(q), _view(k), _view(v), _view(out), _view(grad_out), lse.data_ptr(),
-        delta.data_ptr(), grad_q_accum.data_ptr(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
+        delta.data_ptr(), _address(grad_q_accum), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
         _address(cu_seqlens), _address(key_mask), _batch(total, cu_seqlens, max_seqlen), heads, head_dim, max_seqlen,
         total, softmax_scale, dropout_p, _address(rng_state), _stream(q),
     )
