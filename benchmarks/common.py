@@ -5,6 +5,7 @@ timed run (so inputs are never served from cache), the median of the runs. On a 
 perf_counter runs, and the numbers only smoke-test the code: CPU times say nothing about GPU speed.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -13,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -265,6 +266,18 @@ def on_backend(backend: str | None, fn: Callable[[], object], **per_op: str) -> 
             return fn()
 
     return run
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(enabled) for a block, warn_only: ops around the one measured or tested (a
+    float32 reference's cuBLAS calls, say) warn instead of raising without CUBLAS_WORKSPACE_CONFIG."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def try_run(fn: Callable[[], object]) -> str | None:

@@ -42,7 +42,15 @@ if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpre
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/kernels.py` from a checkout
 
-from benchmarks.common import Results, import_official, measure_peaks, median_ms, on_backend, try_run  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Results,
+    deterministic_algorithms,
+    import_official,
+    measure_peaks,
+    median_ms,
+    on_backend,
+    try_run,
+)
 from spidr_fast import ops  # noqa: E402
 from spidr_fast.cli import ArgumentParser, report_user_errors  # noqa: E402
 from spidr_fast.ops import _dispatch  # noqa: E402
@@ -210,6 +218,14 @@ def _sdpa_refusal(fn) -> str | None:
     return "; ".join(dict.fromkeys(reasons))
 
 
+def _deterministic(fn):
+    def run():
+        with deterministic_algorithms():
+            return fn()
+
+    return run
+
+
 def bench_attention(results, device, frames_list, dtype, heads, head_dim, dropout_rates=ATTENTION_DROPOUT_RATES):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -272,6 +288,16 @@ def bench_attention(results, device, frames_list, dtype, heads, head_dim, dropou
                 out = forward()  # with dropout, the backward replays this forward's mask
                 backward = functools.partial(torch.autograd.grad, out, inputs, out_grad, retain_graph=True)
                 _time(results, bwd, shape, impl, backward, device, flops=2.5 * flops_forward)
+                if impl == "ours (csrc)":  # the same backward in deterministic mode: dQ by its own pass, no atomics
+                    _time(
+                        results,
+                        bwd,
+                        shape,
+                        f"{impl}, deterministic",
+                        _deterministic(backward),
+                        device,
+                        flops=2.5 * flops_forward,
+                    )
 
 
 def _extractor_flops(layers, batch, samples):

@@ -287,6 +287,23 @@ def test_a_failed_variant_fails_the_run_and_a_known_failure_does_not(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["rows"][2]["error"] == "RuntimeError: boom"
 
 
+def test_attention_rows_time_our_kernel_and_its_deterministic_backward(emulated_flash):
+    """Through the emulator, our kernel's rows run on the CPU as they will on a GPU: forward, backward, and the
+    backward in deterministic mode (dQ by its own pass), at dropout 0 and 0.1."""
+    import torch
+
+    from benchmarks.common import Peaks, Results
+
+    results = Results("kernels", torch.device("cpu"), Peaks(1.0, 1.0), None)
+    kernels.bench_attention(results, torch.device("cpu"), [(2, 40)], torch.bfloat16, heads=2, head_dim=64)
+    ours = {(row.case, row.impl): row for row in results.rows if row.impl.startswith("ours")}
+    for dropout in ("", " dropout 0.1"):
+        for case, impl in (("fwd", "ours (csrc)"), ("bwd", "ours (csrc)"), ("bwd", "ours (csrc), deterministic")):
+            row = ours.pop((f"attention {case}{dropout}", impl))
+            assert row.ms is not None and not row.error, row
+    assert not ours
+
+
 def test_ncu_raw_csv_gives_each_kernel_its_metrics():
     """ncu --csv --page raw --print-units base: lines of its own first, a header, a units row, one row per launch."""
     from benchmarks import step_profile
