@@ -134,6 +134,14 @@ SPIDR_DEVICE void load_row_fragments(const uint16_t* source, int64_t token_strid
   }
 }
 
+// Dropout where a warp's rows are queries (the forward, the dQ pass): at an even n-tile nt, the draws of n-tiles nt
+// and nt + 1, whose rows g, g + 8 and keys 2t + c, 2t + c + 8 are block c's (`row` = g's query, `key` = 2t's key);
+// element i of n-tile nt then takes draw_of(draws[i % 2], i / 2, nt % 2).
+SPIDR_DEVICE void query_row_draws(Philox4 (&draws)[2], const AttentionParams& p, int head, int start, int row, int key) {
+  SPIDR_UNROLL
+  for (int c = 0; c < 2; ++c) draws[c] = dropout_draws(p.rng_state, head, start, row, key + c);
+}
+
 // Issues key tile n0 of K and V into `stage` of a block's double buffer (K then V, each kBlockN x Stride; the
 // caller waits and syncs before use) and writes one validity byte per key: in the sequence and not masked.
 template <int HeadDim, int Threads, int Stride>
@@ -234,16 +242,11 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS((ForwardConfig<HeadDim, Dropout>::kThreads
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) tile[i] *= correction[i / 2];
 
-    // Dropout: the lane's rows g, g + 8 and keys 2t + c, 2t + c + 8 of n-tiles 2j, 2j + 1 are dropout block c's.
     Philox4 draws[2];
     SPIDR_UNROLL
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       if constexpr (Dropout) {
-        if (nt % 2 == 0) {
-          SPIDR_UNROLL
-          for (int c = 0; c < 2; ++c)
-            draws[c] = dropout_draws(p.rng_state, head, start, rows[0], n0 + nt * 8 + 2 * t + c);
-        }
+        if (nt % 2 == 0) query_row_draws(draws, p, head, start, rows[0], n0 + nt * 8 + 2 * t);
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {

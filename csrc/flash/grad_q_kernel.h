@@ -85,17 +85,12 @@ SPIDR_GLOBAL void SPIDR_LAUNCH_BOUNDS(GradQConfig<HeadDim>::kThreads, 0) flash_b
       mma_nk_tile<Element>(grad_prob, grad_out_frag[kk], v_tile, Config::kStride, kk * 16);
     }
 
-    // dS = P ∘ (Z∘dP − delta), as the atomic backward computes it, with the forward's dropout blocks (rows g, g + 8
-    // and keys 2t + c, 2t + c + 8 of n-tiles 2j, 2j + 1 are block c's).
+    // dS = P ∘ (Z∘dP − delta), as the atomic backward computes it, with the forward's dropout draws.
     Philox4 draws[2];
     SPIDR_UNROLL
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       if constexpr (Dropout) {
-        if (nt % 2 == 0) {
-          SPIDR_UNROLL
-          for (int c = 0; c < 2; ++c)
-            draws[c] = dropout_draws(p.rng_state, head, start, rows[0], n0 + nt * 8 + 2 * t + c);
-        }
+        if (nt % 2 == 0) query_row_draws(draws, p, head, start, rows[0], n0 + nt * 8 + 2 * t);
       }
       SPIDR_UNROLL
       for (int i = 0; i < 4; ++i) {

@@ -100,21 +100,14 @@ SPIDR_DEVICE void store_u32(uint16_t* address, uint32_t word) {
 }
 
 // 16 bytes (8 elements, or 4 floats) at a 16-byte aligned address, global or shared: one vector access.
-SPIDR_DEVICE void load_16(const void* address, uint32_t (&words)[4]) {
+template <typename Word>  // uint32_t (pairs of 16-bit elements) or float
+SPIDR_DEVICE void load_16(const void* address, Word (&words)[4]) {
+  static_assert(sizeof(Word) == 4, "four 4-byte words");
 #ifdef SPIDR_EMULATE
   std::memcpy(words, address, 16);
 #else
   const uint4 vector = *reinterpret_cast<const uint4*>(address);
-  words[0] = vector.x, words[1] = vector.y, words[2] = vector.z, words[3] = vector.w;
-#endif
-}
-
-SPIDR_DEVICE void load_16(const float* address, float (&values)[4]) {
-#ifdef SPIDR_EMULATE
-  std::memcpy(values, address, 16);
-#else
-  const float4 vector = *reinterpret_cast<const float4*>(address);
-  values[0] = vector.x, values[1] = vector.y, values[2] = vector.z, values[3] = vector.w;
+  memcpy(words, &vector, 16);  // a register move
 #endif
 }
 
