@@ -46,8 +46,9 @@ void run_forward(const ForwardParams& p, uintptr_t stream) {
 // The delta pass, then the backward blocks (dK, dV, and dQ's atomics when AtomicGradQ).
 template <typename Element, int HeadDim, bool AtomicGradQ>
 void run_backward_blocks(const BackwardParams& p, uintptr_t stream) {
-  launch(&flash_backward_delta_kernel<Element, HeadDim>, ceil_div(int64_t(p.total_tokens) * p.heads,
-         delta_rows_per_block<HeadDim>()), 1, 1, kThreads, 0, stream, p);
+  const int64_t rows = int64_t(p.total_tokens) * p.heads;  // (token, head) rows
+  launch(&flash_backward_delta_kernel<Element, HeadDim>, ceil_div(rows, delta_rows_per_block<HeadDim>()), 1, 1,
+         kThreads, 0, stream, p);
   using Config = BackwardConfig<HeadDim, AtomicGradQ>;
   auto kernel = p.dropout ? &flash_backward_kernel<Element, HeadDim, true, AtomicGradQ>
                           : &flash_backward_kernel<Element, HeadDim, false, AtomicGradQ>;
@@ -58,8 +59,8 @@ void run_backward_blocks(const BackwardParams& p, uintptr_t stream) {
 template <typename Element, int HeadDim>
 void run_backward(const BackwardParams& p, uintptr_t stream) {
   run_backward_blocks<Element, HeadDim, true>(p, stream);
-  launch(&flash_backward_grad_q_kernel<Element, HeadDim>, ceil_div(int64_t(p.total_tokens) * p.heads * HeadDim / 8,
-         kThreads), 1, 1, kThreads, 0, stream, p);
+  const int64_t pieces = int64_t(p.total_tokens) * p.heads * HeadDim / 8;  // 8 elements a thread
+  launch(&flash_backward_grad_q_kernel<Element, HeadDim>, ceil_div(pieces, kThreads), 1, 1, kThreads, 0, stream, p);
 }
 
 template <typename Element, int HeadDim>
