@@ -56,6 +56,10 @@ def max_error(a, b):
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
+def mean_error(a, b):
+    return (a.float() - b.float()).abs().mean().item() if a.numel() else 0.0
+
+
 def check_against_float32(
     lengths,
     heads,
@@ -115,13 +119,18 @@ def check_against_float32(
 
 
 def assert_flash_rule(name, mine, torch_low, exact):
-    """flash-attention's rule: our error against `exact` is at most twice PyTorch's at our precision for the output,
-    three times for a gradient (+ 1e-5). The backward rounds dS once and sums dQ from it, as FlashAttention-2 does,
-    where PyTorch rounds the logits and the weights: in a row whose dS terms cancel, one dS rounded the other way
-    moves the whole row of dq by an ulp (docs/flash-attention.md), so flash-attention's own tests allow 3x there."""
+    """flash-attention's rule on the worst element: our error against `exact` is at most twice PyTorch's at our
+    precision for the output, three times for a gradient (+ 1e-5). The backward rounds dS once and sums dQ from it,
+    as FlashAttention-2 does, where PyTorch rounds the logits and the weights: in a row whose dS terms cancel, one dS
+    rounded the other way moves the whole row of dq by an ulp (docs/flash-attention.md), so flash-attention's own
+    tests allow 3x there. And on average no worse than PyTorch: the mean error within 1.1x PyTorch's (measured
+    0.70-0.89x over the case matrix; 1.00x where the model's layers differ only in attention), which a systematic
+    error fails even where the worst element stays inside the first bound."""
     ours_error, torch_error = max_error(mine, exact), max_error(torch_low, exact)
     factor = 3 if name in ("dq", "dk", "dv", "grad") else 2
     assert ours_error <= factor * torch_error + 1e-5, (name, ours_error, torch_error)
+    ours_mean, torch_mean = mean_error(mine, exact), mean_error(torch_low, exact)
+    assert ours_mean <= 1.1 * torch_mean + 1e-7, (name, "mean", ours_mean, torch_mean)
 
 
 needs_cuda_build = pytest.mark.skipif(
